@@ -1,0 +1,192 @@
+"""The job driver: validate everything first, then stream blocks through an engine into one writer per scene.
+
+An engine maps ``process_item`` over work items and yields results in any order. ``local`` runs them in this
+process (the reference used by tests); ``ray`` (``geoseg.runner``) runs them on a local or remote Ray cluster.
+Both call the same stage functions, so their outputs are identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+from geoseg.config import JobConfig, apply_overrides, config_from_dict
+from geoseg.errors import BlockError, ConfigError, GeosegError, OutputError
+from geoseg.grid import Block
+from geoseg.io import store
+from geoseg.pipeline import BlockResult, ScenePlan, SceneWriter, load_block_record, plan_scene, postprocess_block
+from geoseg.progress import Progress
+
+log = logging.getLogger("geoseg")
+
+__all__ = ["run", "predict", "WorkItem", "process_item", "prepare"]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One block of one scene; ``resume`` means its mask is read back from an earlier run's record."""
+
+    scene: int
+    row: int
+    col: int
+    resume: bool = False
+
+
+def _failure(plan: ScenePlan, block: Block, e: BaseException) -> str:
+    return f"{plan.path}: block {block.id}: {type(e).__name__}: {e}"
+
+
+def compute_block(plan: ScenePlan, block: Block, predictor) -> BlockResult:
+    """Read + predict one block (the model runs only here)."""
+    from geoseg.pipeline import read_block
+
+    try:
+        data, valid = read_block(plan, block)
+        pred = predictor.predict_block(block, data, valid)
+    except Exception as e:  # reported with the block id; the driver decides whether the run fails
+        return BlockResult(plan.index, block.id, block.row, block.col, None, error=_failure(plan, block, e))
+    return BlockResult(plan.index, block.id, block.row, block.col, pred.mask, pred.tiles_inferred, pred.tiles_skipped,
+                       pred.model_calls)
+
+
+def finish_block(plan: ScenePlan, block: Block, result: BlockResult | None, cfg: JobConfig) -> BlockResult:
+    """CPU stage after inference, or in place of it for a resumed block."""
+    if result is None:  # resumed: read the stored mask back
+        mask = load_block_record(plan, block)
+        if mask is None:
+            return BlockResult(plan.index, block.id, block.row, block.col, None,
+                               error=f"{plan.path}: block {block.id}: stored result missing or corrupt")
+        result = BlockResult(plan.index, block.id, block.row, block.col, mask, from_resume=True)
+    try:
+        return postprocess_block(plan, block, result, cfg.vector)
+    except Exception as e:
+        result.error = _failure(plan, block, e)
+        result.mask = None
+        return result
+
+
+def process_item(plans: list[ScenePlan], item: WorkItem, predictor, cfg: JobConfig) -> BlockResult:
+    """The whole per-block work in one call (the local engine)."""
+    plan = plans[item.scene]
+    block = plan.grid.block(item.row, item.col)
+    result = None if item.resume else compute_block(plan, block, predictor)
+    if result is not None and result.error is not None:
+        return result
+    return finish_block(plan, block, result, cfg)
+
+
+def _local_engine(plans, items, cfg, model) -> Iterator[BlockResult]:
+    from geoseg.infer import Predictor
+
+    predictor = None
+    for item in items:
+        if predictor is None and not item.resume:
+            predictor = Predictor(model, cfg.runtime.device, cfg.runtime.batch_size, cfg.model.autocast)
+        yield process_item(plans, item, predictor, cfg)
+
+
+def prepare(cfg: JobConfig, card) -> list[ScenePlan]:
+    """Expand and validate every input before anything is written (one clear error, nothing half-done)."""
+    if not cfg.input.paths:
+        raise ConfigError("input.paths is empty: give at least one raster (local path or s3://...)")
+    if not cfg.output.dir:
+        raise ConfigError("output.dir is not set: where should the outputs go?")
+    paths = store.expand_inputs(cfg.input.paths, cfg.storage)
+    plans = [plan_scene(i, p, cfg, card) for i, p in enumerate(paths)]
+    seen: dict[str, str] = {}
+    for p in plans:
+        if p.stem in seen:
+            raise ConfigError(
+                f"inputs {seen[p.stem]!r} and {p.path!r} share the output name {p.stem!r}; rename one"
+            )
+        seen[p.stem] = p.path
+    store.ensure_dir(cfg.output.dir, cfg.storage)
+    return plans
+
+
+def run(
+    cfg: JobConfig,
+    *,
+    model=None,
+    engine: str | None = None,
+    on_result: Callable[[BlockResult], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run a job: returns one run record per scene. ``engine``: ray (default) or local."""
+    from geoseg.models import load_model
+
+    t0 = time.monotonic()
+    model = model or load_model(cfg.model.name)
+    plans = prepare(cfg, model.card)
+    writers: dict[int, SceneWriter] = {}
+    remaining: dict[int, int] = {}
+    items: list[WorkItem] = []
+    try:
+        for plan in plans:
+            w = SceneWriter(plan, cfg, model.card, overwrite=cfg.output.overwrite)
+            writers[plan.index] = w
+            remaining[plan.index] = plan.grid.num_blocks
+            stored = w.resumable_blocks()
+            for b in plan.grid.blocks():
+                items.append(WorkItem(plan.index, b.row, b.col, resume=b.id in stored))
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    engine = engine or cfg.runtime.engine
+    if engine == "local":
+        results = _local_engine(plans, items, cfg, model)
+    elif engine == "ray":
+        from geoseg.runner import ray_engine
+
+        results = ray_engine(plans, items, cfg, model)
+    else:
+        raise ConfigError(f"runtime.engine {engine!r} is not one of ray, local")
+
+    total_px = sum(p.info.shape[0] * p.info.shape[1] for p in plans)
+    progress = Progress(len(items), total_px, cfg.runtime.progress)
+    records: list[dict[str, Any]] = [None] * len(plans)  # type: ignore[list-item]
+    failed = 0
+    t_setup = time.monotonic() - t0
+    try:
+        for result in results:
+            plan = plans[result.scene]
+            block = plan.grid.block(result.row, result.col)
+            if result.error is not None:
+                failed += 1
+                log.error("block failed: %s", result.error)
+                if failed > cfg.runtime.max_failed_blocks:
+                    raise BlockError(
+                        result.error
+                        + (f" ({failed} blocks failed; runtime.max_failed_blocks={cfg.runtime.max_failed_blocks})"
+                           if cfg.runtime.max_failed_blocks else "")
+                    )
+            writers[result.scene].add(block, result)
+            if on_result is not None:
+                on_result(result)
+            progress.update(int(block.window.width * block.window.height))
+            remaining[result.scene] -= 1
+            if remaining[result.scene] == 0:
+                records[result.scene] = writers.pop(result.scene).finish(
+                    {"setup": round(t_setup, 3), "total": round(time.monotonic() - t0, 3)}
+                )
+                log.info("wrote %s", plan.out_dir)
+    except BaseException:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        progress.close()
+    return records
+
+
+def predict(inputs: Iterable[str], out_dir: str, *, model: str = "dynamic-world", overrides=(), **kwargs):
+    """``geoseg predict`` as a function: a job built from arguments, then ``run``."""
+    data = apply_overrides({"model": {"name": model}, "input": {"paths": list(inputs)}, "output": {"dir": out_dir}},
+                           overrides)
+    return run(config_from_dict(data, source="predict arguments"), **kwargs)

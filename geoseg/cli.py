@@ -1,0 +1,155 @@
+"""``geoseg`` command line: run, predict, vectorize, models, info. A thin layer over the library.
+
+Every ``GeosegError`` ends as one line on stderr and exit code 1 (2 for usage errors, from click).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from geoseg.errors import GeosegError
+
+_set = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="override a config value, e.g. --set tiling.block_px=512 (repeatable)",
+)
+_overwrite = click.option("--overwrite", is_flag=True, help="replace existing outputs / discard partial results")
+
+
+def _fail(e: GeosegError):
+    click.secho(f"geoseg: error: {e}", fg="red", err=True)
+    sys.exit(1)
+
+
+def _report(records) -> None:
+    for r in records:
+        if not r:
+            continue
+        outs = r["outputs"]
+        click.echo(f"{r['input']['path']}:")
+        for kind, path in outs.items():
+            click.echo(f"  {kind:9s} {path}")
+        click.echo(f"  {'run':9s} {outs['mask'].rsplit('/', 1)[0]}/run.json")
+
+
+@click.group()
+@click.version_option(package_name="geoseg")
+@click.option("-v", "--verbose", count=True, help="more log output")
+def main(verbose: int) -> None:
+    """Land-use / land-cover maps from large GeoTIFFs: seam-free masks and exact polygons."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set
+@_overwrite
+def run(config: str, overrides: tuple[str, ...], overwrite: bool) -> None:
+    """Run the job described by CONFIG (YAML)."""
+    from geoseg.api import run as run_job
+    from geoseg.config import load_config
+
+    try:
+        cfg = load_config(config, overrides + (("output.overwrite=true",) if overwrite else ()))
+        _report(run_job(cfg))
+    except GeosegError as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--model", "model", default="dynamic-world", show_default=True, help="model name or bundle path")
+@click.option("--out", "out", required=True, help="output directory (local or s3://)")
+@_set
+@_overwrite
+def predict(inputs: tuple[str, ...], model: str, out: str, overrides: tuple[str, ...], overwrite: bool) -> None:
+    """Segment INPUTS (rasters, globs or s3:// prefixes) with a model into OUT/<scene>/."""
+    from geoseg.api import predict as predict_job
+
+    try:
+        _report(predict_job(list(inputs), out, model=model,
+                            overrides=overrides + (("output.overwrite=true",) if overwrite else ())))
+    except GeosegError as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("mask", type=click.Path(dir_okay=False))
+@click.option("--out", "out", required=True, help="output file (.parquet, .gpkg, .geojson, .geojsonl) or directory")
+@click.option("--block-px", default=1024, show_default=True, help="block side for parallel polygonize")
+@click.option("--workers", default=2, show_default=True, help="processes")
+@_set
+def vectorize(mask: str, out: str, block_px: int, workers: int, overrides: tuple[str, ...]) -> None:
+    """Polygonize a class MASK (e.g. a geoseg mask.tif) into OUT. --set keys are vector.* settings."""
+    from geoseg.config import apply_overrides, config_from_dict
+    from geoseg.vectorize import vectorize_file
+
+    try:
+        cfg = config_from_dict(apply_overrides({}, overrides), source="--set")
+        written = vectorize_file(mask, out, cfg.vector, block_px=block_px, workers=workers)
+        for p in written if isinstance(written, (list, tuple)) else [written]:
+            click.echo(str(p))
+    except GeosegError as e:
+        _fail(e)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print the cards as JSON")
+def models(as_json: bool) -> None:
+    """List the registered models with their cards."""
+    from geoseg.models import list_models, load_model
+
+    try:
+        cards = [load_model(n).card for n in list_models()]
+    except GeosegError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps([json.loads(c.model_dump_json()) for c in cards], indent=2))
+        return
+    for c in cards:
+        click.echo(f"{c.name}  (version {c.version}, architecture {c.architecture})")
+        click.echo(f"  bands        {', '.join(c.bands)}  [{c.input_dtype}]")
+        click.echo(f"  gsd          {c.gsd_m} m; output stride {c.output_stride}; halo {c.halo_px} px")
+        click.echo(f"  classes      {', '.join(f'{k.id} {k.name}' for k in c.classes)}")
+        click.echo(f"  licence      {c.license}")
+
+
+@main.command()
+@click.argument("input")
+@click.option("--model", "model", default=None, help="also check the raster against this model")
+@_set
+def info(input: str, model: str | None, overrides: tuple[str, ...]) -> None:
+    """Describe a raster (size, bands, dtype, CRS, resolution, nodata) and whether it fits a model."""
+    from geoseg.config import apply_overrides, config_from_dict
+    from geoseg.io import raster
+
+    try:
+        cfg = config_from_dict(apply_overrides({}, overrides), source="--set")
+        with raster.open_raster(input, cfg.storage) as src:
+            inf = raster.inspect(src, input)
+        rows, cols = inf.shape
+        click.echo(f"{input}")
+        click.echo(f"  size        {cols} x {rows} px (cols x rows), {inf.count} bands, {inf.dtype}")
+        click.echo(f"  crs         {inf.crs.to_string()}")
+        click.echo(f"  resolution  {inf.resolution[0]:.10g} x {inf.resolution[1]:.10g} (CRS units)")
+        click.echo(f"  nodata      {inf.nodata}")
+        click.echo(f"  bands       {', '.join(d or f'#{i + 1}' for i, d in enumerate(inf.descriptions))}")
+        if model:
+            from geoseg.models import load_model
+
+            card = load_model(model).card
+            bands = raster.resolve_bands(inf, card.bands, cfg.input.bands)
+            click.echo(f"  model       {card.name}: fits, bands {bands} -> {', '.join(card.bands)}")
+    except GeosegError as e:
+        _fail(e)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The job configuration: one pydantic tree, ``extra="forbid"`` everywhere.
+
+A job is a YAML file (``geoseg run job.yaml``) or flags (``geoseg predict ...``); both end here. Overrides
+use dotted keys (``--set tiling.block_px=512``) whose values are parsed as YAML scalars. Every validation
+problem becomes one ``ConfigError`` that names the key, quotes the bad value and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from geoseg.errors import ConfigError
+
+__all__ = [
+    "JobConfig",
+    "ModelConfig",
+    "InputConfig",
+    "TilingConfig",
+    "RuntimeConfig",
+    "StorageConfig",
+    "OutputConfig",
+    "VectorConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("dynamic-world", description="registered model name, or a path to a model bundle directory")
+    autocast: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="mixed precision on CUDA; ignored on CPU (see benchmarks for its agreement)"
+    )
+
+
+class InputConfig(_Section):
+    paths: list[str] = Field(default_factory=list, description="rasters, local or s3://; globs and prefixes expand")
+    bands: list[int] | None = Field(
+        None, description="1-based band indexes in the model's band order; default: matched by band description"
+    )
+
+    @field_validator("bands")
+    @classmethod
+    def _positive_bands(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("must list at least one band, or be omitted")
+            bad = [b for b in v if b < 1]
+            if bad:
+                raise ValueError(f"band indexes are 1-based; got {bad}")
+        return v
+
+
+class TilingConfig(_Section):
+    tile_px: int = Field(256, gt=0, description="model input tile side before the halo, in pixels")
+    block_px: int = Field(1024, gt=0, description="side of one unit of work (whole tiles), in pixels")
+    halo_px: int | None = Field(None, ge=0, description="context around each tile; default: the model card's")
+
+
+class RuntimeConfig(_Section):
+    engine: Literal["ray", "local"] = Field("ray", description="ray (local or remote cluster) or local (one process)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(8, gt=0, description="tiles per forward pass")
+    workers: int = Field(1, gt=0, description="inference actors (one model each)")
+    num_gpus_per_worker: float | None = Field(
+        None, ge=0, description="GPUs reserved per inference actor; default 1 when the cluster has GPUs, else 0"
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per inference actor")
+    cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved per read / postprocess task")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs for the embedded local Ray (default: all)")
+    address: str | None = Field(None, description="join this Ray cluster (else RAY_ADDRESS, else start a local one)")
+    max_failed_blocks: int = Field(0, ge=0, description="blocks that may fail (recorded) before the run fails")
+    max_in_flight_blocks: int | None = Field(
+        None, gt=0, description="blocks read but not yet written; bounds memory (default: 2 per worker + 2)"
+    )
+    progress: Literal["auto", "bar", "log", "none"] = "auto"
+
+
+class StorageConfig(_Section):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL, else AWS)")
+    region: str | None = None
+    anonymous: bool = Field(False, description="unsigned requests, for public buckets")
+    path_style: bool = Field(False, description="path-style addressing (MinIO, Ceph)")
+    max_retries: int = Field(4, ge=0, description="retries with backoff before an endpoint counts as unreachable")
+
+
+class OutputConfig(_Section):
+    dir: str | None = Field(None, description="output directory, local or s3://; one sub-directory per scene")
+    overwrite: bool = False
+    cog_blocksize_px: int = Field(512, gt=0, description="internal tile size of the mask COG")
+    compress: Literal["deflate", "lzw", "zstd", "none"] = "deflate"
+    overviews: bool = True
+
+    @field_validator("cog_blocksize_px")
+    @classmethod
+    def _multiple_of_16(cls, v):
+        if v % 16:
+            raise ValueError(f"GeoTIFF tiles must be a multiple of 16 pixels; got {v}")
+        return v
+
+
+class VectorConfig(_Section):
+    enabled: bool = True
+    formats: list[Literal["parquet", "gpkg", "geojson", "geojsonseq"]] = Field(
+        default_factory=lambda: ["parquet", "gpkg", "geojson"]
+    )
+    connectivity: Literal[4, 8] = Field(4, description="pixel connectivity; 4 is GDAL's default")
+    sieve_px: int = Field(0, ge=0, description="merge regions smaller than this many pixels into a neighbour")
+    min_area_m2: float = Field(0.0, ge=0, description="like sieve_px, in square metres (the larger applies)")
+    simplify_tolerance_m: float = Field(0.0, ge=0, description="coverage-preserving simplification tolerance")
+    include_classes: list[int | str] | None = Field(None, description="keep only these classes (ids or names)")
+    exclude_classes: list[int | str] = Field(default_factory=list, description="drop these classes (ids or names)")
+
+
+class JobConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    vector: VectorConfig = Field(default_factory=VectorConfig)
+
+    @model_validator(mode="after")
+    def _block_holds_whole_tiles(self):
+        t = self.tiling
+        if t.block_px % t.tile_px:
+            raise ValueError(
+                f"tiling.block_px ({t.block_px}) must be a multiple of tiling.tile_px ({t.tile_px})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            section = _section_of(e["loc"])
+            valid = ", ".join(sorted(section.model_fields)) if section else ""
+            lines.append(f"unknown key {key!r}" + (f" (valid keys here: {valid})" if valid else ""))
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg} (got {e.get('input')!r})")
+    return f"{source}: invalid configuration: " + "; ".join(lines)
+
+
+def _section_of(loc) -> type[BaseModel] | None:
+    """The pydantic class that holds the key at ``loc`` (for listing valid keys)."""
+    cls: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        cls = field.annotation
+    return cls
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> JobConfig:
+    """Validate a plain dict into a ``JobConfig``; raises ``ConfigError`` naming ``source``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a job configuration must be a mapping, got {type(data).__name__}")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``key.sub=value`` overrides applied (values parsed as YAML)."""
+    out = copy.deepcopy(data) if data else {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. tiling.block_px=512")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key component in {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a YAML job file, apply ``--set`` overrides, validate."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    return config_from_dict(apply_overrides(data or {}, overrides), source=str(p))

@@ -1,0 +1,106 @@
+"""Inference on one block: cut tiles from the block's read array, normalise, batched forward, crop, stitch.
+
+Pure compute over arrays: no Ray, no files. The runner's inference actor and the local pipeline both call
+``Predictor.predict_block``. Normalisation comes from the model card and is the same elementwise transform
+for every tile (never per-tile statistics), so a pixel's input does not depend on which tile carried it.
+Tiles whose core has no valid pixel are never sent to the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+
+from geoseg.errors import ConfigError
+from geoseg.grid import Block
+
+__all__ = ["select_device", "Predictor", "BlockPrediction", "NODATA"]
+
+NODATA = 255
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """``cuda`` when asked (it must exist) or when ``auto`` finds one; else ``cpu``."""
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("runtime.device is 'cuda' but no CUDA device is available (valid: auto, cpu, cuda)")
+        return torch.device("cuda")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"runtime.device {requested!r} is not one of auto, cpu, cuda")
+
+
+@dataclass
+class BlockPrediction:
+    """A block's class mask (uint8, ``NODATA`` where invalid) and what it cost."""
+
+    mask: np.ndarray
+    tiles_inferred: int
+    tiles_skipped: int
+    model_calls: int
+
+
+def _rel(inner: Window, outer: Window) -> tuple[slice, slice]:
+    r0, c0 = int(inner.row_off - outer.row_off), int(inner.col_off - outer.col_off)
+    return slice(r0, r0 + int(inner.height)), slice(c0, c0 + int(inner.width))
+
+
+class Predictor:
+    """A model placed on a device, ready to predict blocks. Build once per worker (the weights load once)."""
+
+    def __init__(self, model, device: str | torch.device = "auto", batch_size: int = 8, autocast: str = "none"):
+        self.model = model
+        self.card = model.card
+        self.device = device if isinstance(device, torch.device) else select_device(device)
+        self.module = model.module.to(self.device).eval()
+        self.batch_size = batch_size
+        self.autocast = autocast
+        self.model_calls = 0  # forward passes, counted for tests of skipping and resume
+
+    def _amp(self):
+        if self.device.type != "cuda" or self.autocast == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+
+    @torch.inference_mode()
+    def forward_classes(self, batch: np.ndarray) -> np.ndarray:
+        """Raw tiles (N, bands, rows, cols) -> class ids (N, rows, cols) uint8."""
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
+        x = self.card.normalization.apply(x)
+        with self._amp():
+            logits = self.module(x)
+        self.model_calls += 1
+        return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+
+    def predict_block(self, block: Block, data: np.ndarray, valid: np.ndarray) -> BlockPrediction:
+        """Predict every tile of ``block`` from its read array ``data`` (bands, rows, cols) over ``block.read``."""
+        out = np.full((int(block.window.height), int(block.window.width)), NODATA, dtype=np.uint8)
+        # Tiles with the same read shape batch together (edge tiles are clipped, so shapes vary there).
+        groups: dict[tuple[int, int], list] = defaultdict(list)
+        skipped = 0
+        for tile in block.tiles:
+            core_in_read = _rel(tile.core, block.read)
+            if not valid[core_in_read].any():
+                skipped += 1
+                continue
+            groups[(int(tile.read.height), int(tile.read.width))].append(tile)
+        inferred = 0
+        calls0 = self.model_calls
+        for tiles in groups.values():
+            for i in range(0, len(tiles), self.batch_size):
+                chunk = tiles[i : i + self.batch_size]
+                batch = np.stack([data[(slice(None), *_rel(t.read, block.read))] for t in chunk])
+                classes = self.forward_classes(batch)
+                for t, cls in zip(chunk, classes):
+                    out[_rel(t.core, block.window)] = cls[_rel(t.core, t.read)]
+                inferred += len(chunk)
+        out[~valid[_rel(block.window, block.read)]] = NODATA
+        return BlockPrediction(out, inferred, skipped, self.model_calls - calls0)

@@ -1,0 +1,192 @@
+"""Open and validate input rasters, map bands to the model, read block windows with their validity mask.
+
+Everything here takes a path (local or ``s3://``) and plain values and returns plain values, so the same
+functions run in the driver and in Ray workers. Every failure is one ``InputError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.windows import Window
+
+from geoseg.config import StorageConfig
+from geoseg.errors import InputError
+
+__all__ = ["RasterInfo", "open_raster", "inspect", "resolve_bands", "read_window", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What geoseg needs to know about an input raster (picklable; CRS kept as WKT)."""
+
+    path: str
+    shape: tuple[int, int]  # (rows, cols)
+    count: int
+    dtype: str
+    crs_wkt: str
+    transform: Affine
+    nodata: float | None
+    descriptions: tuple[str | None, ...]
+    driver: str
+
+    @property
+    def resolution(self) -> tuple[float, float]:
+        """Pixel size (x, y) in CRS units."""
+        return abs(self.transform.a), abs(self.transform.e)
+
+    @property
+    def crs(self) -> rasterio.crs.CRS:
+        return rasterio.crs.CRS.from_wkt(self.crs_wkt)
+
+
+@contextlib.contextmanager
+def open_raster(path: str, storage: StorageConfig | None = None) -> Iterator[rasterio.DatasetReader]:
+    """Open ``path`` for reading (local or ``s3://``), turning GDAL failures into an ``InputError``."""
+    from geoseg.io import store  # the storage layer knows S3 endpoints and GDAL's network options
+
+    storage = storage or StorageConfig()
+    if store.is_s3(path):
+        with store.open_raster(path, storage) as src:
+            yield src
+        return
+    try:
+        src = rasterio.open(path)
+    except RasterioIOError as e:
+        import os
+
+        if not os.path.exists(path):
+            raise InputError(f"{path}: file not found") from None
+        if os.path.isdir(path):
+            raise InputError(f"{path}: is a directory, not a raster") from None
+        raise InputError(f"{path}: not a readable raster ({_gdal_reason(e)})") from None
+    except RasterioError as e:
+        raise InputError(f"{path}: not a readable raster ({_gdal_reason(e)})") from None
+    with src:
+        yield src
+
+
+def _gdal_reason(e: Exception) -> str:
+    msg = str(e).strip()
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+def inspect(src: rasterio.DatasetReader, path: str | None = None) -> RasterInfo:
+    """Validate an open dataset for segmentation and describe it. Raises ``InputError`` naming the file."""
+    path = path or src.name
+    if src.count < 1:
+        raise InputError(f"{path}: has no raster bands")
+    dtypes = set(src.dtypes)
+    bad = sorted(dtypes - set(SUPPORTED_DTYPES))
+    if bad:
+        raise InputError(
+            f"{path}: unsupported data type {', '.join(bad)} (supported: {', '.join(SUPPORTED_DTYPES)})"
+        )
+    if src.crs is None:
+        if src.gcps[0]:
+            raise InputError(
+                f"{path}: georeferenced only by ground control points; warp it to a grid first "
+                "(e.g. gdalwarp) so outputs can share its grid"
+            )
+        raise InputError(f"{path}: has no CRS; geoseg needs a georeferenced raster to place its outputs")
+    t = src.transform
+    if t.b != 0 or t.d != 0:
+        raise InputError(
+            f"{path}: rotated or sheared geotransform {tuple(t)[:6]} is not supported; warp it north-up first"
+        )
+    if t.a == 0 or t.e == 0 or not all(math.isfinite(v) for v in tuple(t)[:6]):
+        raise InputError(f"{path}: invalid geotransform {tuple(t)[:6]}")
+    if t == Affine.identity() and not src.crs:
+        raise InputError(f"{path}: has no georeferencing")
+    return RasterInfo(
+        path=str(path),
+        shape=(src.height, src.width),
+        count=src.count,
+        dtype=np.result_type(*src.dtypes).name,
+        crs_wkt=src.crs.to_wkt(),
+        transform=t,
+        nodata=src.nodata,
+        descriptions=tuple(src.descriptions),
+        driver=src.driver,
+    )
+
+
+def resolve_bands(info: RasterInfo, model_bands: list[str], bands: list[int] | None) -> list[int]:
+    """The 1-based band indexes to feed the model, in the model's band order.
+
+    ``bands`` from the config wins; otherwise the model's band names are matched against the raster's band
+    descriptions (case-insensitive, ``B08`` == ``B8``); otherwise a raster with exactly as many bands as the
+    model takes them in order.
+    """
+    need = len(model_bands)
+    if bands is not None:
+        if len(bands) != need:
+            raise InputError(
+                f"{info.path}: input.bands lists {len(bands)} bands {bands} but the model takes {need} "
+                f"({', '.join(model_bands)})"
+            )
+        over = [b for b in bands if b > info.count]
+        if over:
+            raise InputError(f"{info.path}: input.bands {over} out of range; the raster has {info.count} bands")
+        return list(bands)
+
+    def norm(name: str | None) -> str | None:
+        if not name:
+            return None
+        n = name.strip().upper()
+        # Sentinel-2 style names: B08 and B8 are the same band, B8A stays itself.
+        if len(n) >= 2 and n[0] == "B" and n[1:].isdigit():
+            n = "B" + str(int(n[1:]))
+        return n
+
+    desc = [norm(d) for d in info.descriptions]
+    if any(desc):
+        idx = []
+        for b in model_bands:
+            nb = norm(b)
+            if nb in desc:
+                idx.append(desc.index(nb) + 1)
+        if len(idx) == need:
+            return idx
+    if info.count == need:
+        return list(range(1, need + 1))
+    if info.count < need:
+        raise InputError(
+            f"{info.path}: has {info.count} bands but the model needs {need} ({', '.join(model_bands)})"
+        )
+    raise InputError(
+        f"{info.path}: has {info.count} bands whose descriptions {list(info.descriptions)} do not name the "
+        f"model's bands ({', '.join(model_bands)}); choose them with input.bands (1-based)"
+    )
+
+
+def read_window(
+    src: rasterio.DatasetReader, window: Window, bands: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``bands`` in ``window``: (data (bands, rows, cols) in the file's dtype, valid (rows, cols) bool).
+
+    A pixel is valid only if it is valid in every used band: the dataset's per-band masks (nodata value,
+    internal mask or alpha), and not NaN.
+    """
+    try:
+        data = src.read(bands, window=window)
+        masks = src.read_masks(bands, window=window)
+    except RasterioError as e:
+        raise InputError(f"{src.name}: read failed in window {_fmt(window)} ({_gdal_reason(e)})") from None
+    valid = np.all(masks > 0, axis=0)
+    if data.dtype.kind == "f":
+        valid &= np.all(np.isfinite(data), axis=0)
+    return data, valid
+
+
+def _fmt(w: Window) -> str:
+    return f"(col_off={int(w.col_off)}, row_off={int(w.row_off)}, width={int(w.width)}, height={int(w.height)})"

@@ -1,0 +1,329 @@
+"""One scene from raster to outputs: planning, per-block compute, and the single writer with resume.
+
+The stages are plain functions so that the runner (Ray) and the local engine schedule exactly the same code:
+
+    plan_scene  -> ScenePlan (validated input, band mapping, tile grid, output location)
+    read_block  -> (data, valid) for a block's read window          [CPU, any worker]
+    Predictor.predict_block (geoseg.infer)                         [inference worker, GPU if any]
+    postprocess_block -> BlockResult (mask, polygons)               [CPU, any worker]
+    SceneWriter.add(BlockResult) ... finish()                      [one writer per scene]
+
+Durability and resume: each finished block's mask is stored atomically under ``<scene>/.partial/blocks``
+with its checksum, next to ``job.json`` that fingerprints the config, model and input. A rerun with the same
+fingerprint reads those blocks back instead of predicting them; a different fingerprint refuses to mix
+(``--overwrite`` starts fresh). The run record ``run.json`` is written last: its presence means the
+scene's outputs are complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from geoseg import __version__
+from geoseg.config import JobConfig, StorageConfig
+from geoseg.errors import BlockError, InputError, OutputError
+from geoseg.grid import Block, TileGrid
+from geoseg.infer import NODATA
+from geoseg.io import raster, store
+
+__all__ = [
+    "ScenePlan",
+    "BlockResult",
+    "SceneWriter",
+    "plan_scene",
+    "read_block",
+    "postprocess_block",
+    "scene_stem",
+    "fingerprint",
+    "load_block_record",
+]
+
+
+def scene_stem(path: str) -> str:
+    """The output sub-directory name of an input scene: its file name without the extension."""
+    name = PurePosixPath(path.rstrip("/")).name
+    for ext in (".tiff", ".tif", ".vrt", ".jp2", ".img"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """Everything a worker needs to process blocks of one scene (small and picklable)."""
+
+    index: int
+    path: str
+    stem: str
+    info: raster.RasterInfo
+    bands: list[int]
+    grid: TileGrid
+    out_dir: str
+    storage: StorageConfig
+
+
+def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
+    """Open and validate ``path`` against the model card and the tiling config."""
+    with raster.open_raster(path, cfg.storage) as src:
+        info = raster.inspect(src, path)
+    bands = raster.resolve_bands(info, card.bands, cfg.input.bands)
+    halo = card.halo_px if cfg.tiling.halo_px is None else cfg.tiling.halo_px
+    grid = TileGrid(
+        shape=info.shape, transform=info.transform, crs=info.crs_wkt, tile_px=cfg.tiling.tile_px,
+        halo_px=halo, block_px=cfg.tiling.block_px, stride_px=card.output_stride,
+    )
+    out_dir = store.join(cfg.output.dir, scene_stem(path))
+    return ScenePlan(index, path, scene_stem(path), info, bands, grid, out_dir, cfg.storage)
+
+
+# Worker processes keep their datasets open between blocks of the same scene (one open per scene, not per
+# block: on S3 each open costs header requests).
+_OPEN: dict[str, Any] = {}
+
+
+def _dataset(plan: ScenePlan):
+    ds = _OPEN.get(plan.path)
+    if ds is None or ds.closed:
+        if len(_OPEN) >= 4:
+            for old in list(_OPEN.values()):
+                old.close()
+            _OPEN.clear()
+        cm = raster.open_raster(plan.path, plan.storage)
+        ds = cm.__enter__()
+        ds._geoseg_cm = cm  # keep the context (and any GDAL env) alive with the dataset
+        _OPEN[plan.path] = ds
+    return ds
+
+
+def read_block(plan: ScenePlan, block: Block) -> tuple[np.ndarray, np.ndarray]:
+    """Read a block's window (block + halo) in the model's bands: (data, valid)."""
+    try:
+        return raster.read_window(_dataset(plan), block.read, plan.bands)
+    except InputError as e:
+        raise BlockError(f"{plan.path}: block {block.id}: {e}") from None
+
+
+@dataclass
+class BlockResult:
+    """What the writer receives for one block."""
+
+    scene: int
+    block_id: str
+    row: int
+    col: int
+    mask: np.ndarray
+    tiles_inferred: int = 0
+    tiles_skipped: int = 0
+    model_calls: int = 0
+    polygons: Any = None
+    error: str | None = None
+    from_resume: bool = False
+
+
+def postprocess_block(plan: ScenePlan, block: Block, result: BlockResult, vector_cfg=None) -> BlockResult:
+    """CPU work after inference: polygonize the block's mask when vectors are requested."""
+    if vector_cfg is not None and vector_cfg.enabled and result.error is None:
+        from geoseg import vectorize
+
+        result.polygons = vectorize.polygonize_block(
+            result.mask, block.window, nodata=NODATA, connectivity=vector_cfg.connectivity
+        )
+    return result
+
+
+def fingerprint(cfg: JobConfig, card, info: raster.RasterInfo, plan_bands: list[int]) -> dict[str, Any]:
+    """What must match for partial results of an earlier run to be reused."""
+    keep = cfg.to_dict()
+    # Scheduling and presentation settings do not change outputs; everything else does.
+    keep.pop("runtime", None)
+    keep["output"].pop("overwrite", None)
+    keep["input"].pop("paths", None)
+    keep["tiling"].pop("block_px", None)  # outputs are identical for any block size...
+    return {
+        "config": keep,
+        "block_px": cfg.tiling.block_px,  # ...but stored blocks are keyed by it
+        "model": {"name": card.name, "version": card.version},
+        "input": {"path": info.path, "shape": list(info.shape), "transform": list(info.transform)[:6]},
+        "bands": plan_bands,
+    }
+
+
+def _partial_dir(plan: ScenePlan) -> str:
+    return store.join(plan.out_dir, ".partial")
+
+
+def load_block_record(plan: ScenePlan, block: Block) -> np.ndarray | None:
+    """A block mask stored by an earlier run, or None when missing or its checksum fails (then recompute)."""
+    path = store.join(_partial_dir(plan), "blocks", f"{block.id}.npz")
+    try:
+        with np.load(io.BytesIO(store.read_bytes(path, plan.storage))) as z:
+            mask, sha = z["mask"], str(z["sha256"])
+    except Exception:
+        return None
+    if _sha256(mask) != sha or mask.shape != (int(block.window.height), int(block.window.width)):
+        return None
+    return mask
+
+
+def _sha256(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+class SceneWriter:
+    """The single writer of one scene: mask COG, vectors, block records, run record.
+
+    Output files are assembled in a local work directory and published (rename locally, one PUT on S3);
+    ``run.json`` goes last.
+    """
+
+    def __init__(self, plan: ScenePlan, cfg: JobConfig, card, *, overwrite: bool = False):
+        self.plan = plan
+        self.cfg = cfg
+        self.card = card
+        self.storage = cfg.storage
+        self.out_dir = plan.out_dir
+        self.partial = _partial_dir(plan)
+        self.run_record = store.join(self.out_dir, "run.json")
+        self.fp = fingerprint(cfg, card, plan.info, plan.bands)
+        self.t0 = time.time()
+        self.stats = {"model_calls": 0, "tiles_inferred": 0, "tiles_skipped_nodata": 0, "blocks_resumed": 0, "blocks_computed": 0}
+        self.failed: dict[str, str] = {}
+        self.done: dict[str, str] = {}  # block id -> sha256 of its mask
+        self._prepare(overwrite)
+        if store.is_s3(self.out_dir):
+            self.work = Path(tempfile.mkdtemp(prefix=f"geoseg-{plan.stem}-"))
+        else:
+            self.work = Path(self.partial) / "work"
+            self.work.mkdir(parents=True, exist_ok=True)
+        from geoseg.write.cog import MaskWriter
+
+        self.mask_writer = MaskWriter(
+            self.work / "mask.scratch.tif", plan.info.shape, plan.info.transform, plan.info.crs,
+            class_names=card.class_names, palette=card.palette, nodata=NODATA,
+            blocksize_px=cfg.output.cog_blocksize_px, compress=cfg.output.compress,
+            overviews=cfg.output.overviews,
+            tags={"GEOSEG_MODEL": card.name, "GEOSEG_MODEL_VERSION": card.version, "GEOSEG_VERSION": __version__},
+        )
+        self.vectors = None
+        if cfg.vector.enabled:
+            from geoseg.write.scene_vectors import SceneVectors
+
+            self.vectors = SceneVectors(plan, cfg.vector, card, self.work)
+
+    # -- resume -------------------------------------------------------------------------------------------
+    def _prepare(self, overwrite: bool) -> None:
+        s = self.storage
+        if store.exists(self.run_record, s):
+            if not overwrite:
+                raise OutputError(
+                    f"{self.run_record}: outputs of scene {self.plan.stem!r} already exist; "
+                    "pass --overwrite (output.overwrite=true) to replace them"
+                )
+            store.remove_tree(self.out_dir, s)
+        job_path = store.join(self.partial, "job.json")
+        if store.exists(job_path, s):
+            old = json.loads(store.read_bytes(job_path, s))
+            if old != _jsonable(self.fp):
+                if not overwrite:
+                    raise OutputError(
+                        f"{self.partial}: holds partial results of a different configuration or model; "
+                        "pass --overwrite (output.overwrite=true) to discard them and start fresh"
+                    )
+                store.remove_tree(self.out_dir, s)
+            elif overwrite:
+                store.remove_tree(self.out_dir, s)
+        store.write_bytes(job_path, json.dumps(_jsonable(self.fp), indent=1).encode(), s)
+
+    def resumable_blocks(self) -> set[str]:
+        """Block ids with a stored result from an earlier run of the same job."""
+        prefix = store.join(self.partial, "blocks")
+        names = store.list_dir(prefix, self.storage) if store.exists(prefix, self.storage) else []
+        return {PurePosixPath(n).name[: -len(".npz")] for n in names if n.endswith(".npz")}
+
+    def _record_block(self, block_id: str, mask: np.ndarray, sha: str) -> None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, mask=mask, sha256=np.array(sha))
+        store.write_bytes(store.join(self.partial, "blocks", f"{block_id}.npz"), buf.getvalue(), self.storage)
+
+    # -- writing ------------------------------------------------------------------------------------------
+    def add(self, block: Block, result: BlockResult) -> None:
+        """Take one finished block (any order)."""
+        if result.error is not None:
+            self.failed[block.id] = result.error
+            return
+        sha = _sha256(result.mask)
+        if result.from_resume:
+            self.stats["blocks_resumed"] += 1
+        else:
+            self._record_block(block.id, result.mask, sha)
+            self.stats["blocks_computed"] += 1
+        self.done[block.id] = sha
+        self.stats["tiles_inferred"] += result.tiles_inferred
+        self.stats["tiles_skipped_nodata"] += result.tiles_skipped
+        self.stats["model_calls"] += result.model_calls
+        self.mask_writer.write_block(block.window, result.mask)
+        if self.vectors is not None:
+            self.vectors.add(result.polygons)
+
+    def abort(self) -> None:
+        """Leave block records for resume; drop scratch files."""
+        self.mask_writer.abort()
+        if self.vectors is not None:
+            self.vectors.abort()
+
+    def finish(self, timings: dict[str, float] | None = None) -> dict[str, Any]:
+        """Publish the mask, vectors and manifest, then the run record."""
+        s = self.storage
+        files = {}
+        local_mask = self.mask_writer.finish(self.work / "mask.tif")
+        files["mask"] = store.join(self.out_dir, "mask.tif")
+        store.publish_file(str(local_mask), files["mask"], s)
+        if self.vectors is not None:
+            for kind, local in self.vectors.finish().items():
+                dest = store.join(self.out_dir, Path(local).name)
+                store.publish_file(str(local), dest, s)
+                files[kind] = dest
+        manifest = {"blocks": dict(sorted(self.done.items())), "failed": dict(sorted(self.failed.items()))}
+        files["manifest"] = store.join(self.out_dir, "manifest.json")
+        store.write_bytes(files["manifest"], json.dumps(manifest, indent=1).encode(), s)
+        record = {
+            "geoseg_version": __version__,
+            "input": {
+                "path": self.plan.path, "shape_rows_cols": list(self.plan.info.shape),
+                "bands": self.plan.bands, "crs": self.plan.info.crs.to_string(),
+                "transform": list(self.plan.info.transform)[:6], "dtype": self.plan.info.dtype,
+                "nodata": self.plan.info.nodata,
+            },
+            "config": self.cfg.to_dict(),
+            "model": json.loads(self.card.model_dump_json()),
+            "tiling": {
+                "tile_px": self.plan.grid.tile_px, "halo_px": self.plan.grid.halo_px,
+                "block_px": self.plan.grid.block_px, "stride_px": self.plan.grid.stride_px,
+                "blocks": self.plan.grid.num_blocks,
+            },
+            "stats": dict(self.stats, blocks_failed=len(self.failed)),
+            "failed_blocks": dict(sorted(self.failed.items())),
+            "class_pixel_counts": self.mask_writer.class_pixel_counts(),
+            "timings_s": dict(timings or {}, wall=round(time.time() - self.t0, 3)),
+            "outputs": files,
+        }
+        store.write_bytes(self.run_record, json.dumps(record, indent=1).encode(), s)
+        store.remove_tree(self.partial, s)
+        if self.work.exists():
+            shutil.rmtree(self.work, ignore_errors=True)
+        return record
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))

@@ -1,0 +1,179 @@
+"""The Ray engine: the only module that imports ray.
+
+Why Ray Core tasks + an actor pool with explicit backpressure, not Ray Data: the writer of a scene is a
+single consumer in the driver that must know, for every block, its scene, its id and whether it failed
+(with the file and block named), so that failures can be counted against ``runtime.max_failed_blocks``,
+finished blocks recorded for resume, and seams closed as blocks arrive. A bounded window of in-flight blocks
+gives a hard memory bound (``max_in_flight_blocks`` x one block's read array) that does not depend on the
+scene size, and cancelling that window on SIGINT/SIGTERM is immediate (a Ray Data pipeline stopped by SIGINT
+was seen hanging in shutdown). Ray still does what it is good at: placement on GPUs (``num_gpus`` per actor,
+fractional allowed), retries of tasks whose worker or node died (``max_retries``), restarting actors on a
+surviving node (``max_restarts``), lineage reconstruction of lost read results, and moving arrays between
+nodes through the object store (workers read inputs themselves; nothing is shipped through the driver but
+finished block masks).
+
+Per block:  read task (CPU)  ->  InferenceActor.predict (GPU when reserved)  ->  finish task (CPU:
+polygonize)  ->  driver writer. Resumed blocks skip the first two. The read of the next blocks runs while
+the actors compute, so an actor always has a block waiting (``2 x workers + 2`` in flight by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Iterator
+
+import ray
+
+from geoseg.api import WorkItem, compute_block, finish_block
+from geoseg.config import JobConfig
+from geoseg.pipeline import BlockResult, ScenePlan, read_block
+
+log = logging.getLogger("geoseg")
+
+__all__ = ["ray_engine", "InferenceActor", "init_ray"]
+
+
+def init_ray(cfg: JobConfig) -> bool:
+    """Join ``runtime.address`` / ``RAY_ADDRESS`` or start a local Ray. Returns True if this call started it."""
+    if ray.is_initialized():
+        return False
+    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.runtime.num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+@ray.remote
+class InferenceActor:
+    """Holds one model on its device (loaded once) and predicts whole blocks, tiles batched."""
+
+    def __init__(self, model, device: str, batch_size: int, autocast: str):
+        from geoseg.infer import Predictor
+
+        self.predictor = Predictor(model, device, batch_size, autocast)
+
+    def predict(self, plan: ScenePlan, row: int, col: int, read) -> BlockResult:
+        block = plan.grid.block(row, col)
+        if isinstance(read, BlockResult):  # the read task already failed
+            return read
+        data, valid = read
+        try:
+            pred = self.predictor.predict_block(block, data, valid)
+        except Exception as e:
+            return BlockResult(plan.index, block.id, row, col, None,
+                               error=f"{plan.path}: block {block.id}: {type(e).__name__}: {e}")
+        return BlockResult(plan.index, block.id, row, col, pred.mask, pred.tiles_inferred, pred.tiles_skipped,
+                           pred.model_calls)
+
+    def device(self) -> str:
+        return str(self.predictor.device)
+
+
+def _read(plan: ScenePlan, row: int, col: int):
+    block = plan.grid.block(row, col)
+    try:
+        return read_block(plan, block)
+    except Exception as e:
+        return BlockResult(plan.index, block.id, row, col, None,
+                           error=f"{plan.path}: block {block.id}: {type(e).__name__}: {e}")
+
+
+def _finish(plan: ScenePlan, row: int, col: int, result: BlockResult | None, cfg: JobConfig) -> BlockResult:
+    if result is not None and result.error is not None:
+        return result
+    return finish_block(plan, plan.grid.block(row, col), result, cfg)
+
+
+def _gpus_per_worker(cfg: JobConfig) -> float:
+    if cfg.runtime.num_gpus_per_worker is not None:
+        return cfg.runtime.num_gpus_per_worker
+    if cfg.runtime.device == "cpu":
+        return 0.0
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def ray_engine(plans: list[ScenePlan], items: list[WorkItem], cfg: JobConfig, model) -> Iterator[BlockResult]:
+    """Yield each item's ``BlockResult`` (any order), keeping at most ``max_in_flight_blocks`` in flight."""
+    started = init_ray(cfg)
+    rt = cfg.runtime
+    read_task = ray.remote(num_cpus=rt.cpus_per_task, max_retries=3)(_read)
+    finish_task = ray.remote(num_cpus=rt.cpus_per_task, max_retries=3)(_finish)
+    actors: list = []
+    pending: dict = {}
+    load: dict[int, int] = {}
+    previous = _install_sigterm()
+    try:
+        need_model = any(not it.resume for it in items)
+        if need_model:
+            gpus = _gpus_per_worker(cfg)
+            model_ref = ray.put(model)  # the weights travel once through the object store, not per block
+            actor_cls = InferenceActor.options(
+                num_cpus=rt.cpus_per_worker, num_gpus=gpus, max_restarts=-1, max_task_retries=-1
+            )
+            actors = [actor_cls.remote(model_ref, rt.device, rt.batch_size, cfg.model.autocast)
+                      for _ in range(rt.workers)]
+            load = {i: 0 for i in range(len(actors))}
+            log.info("%d inference workers, %.2f GPU each", len(actors), gpus)
+        window = rt.max_in_flight_blocks or 2 * rt.workers + 2
+        queue = iter(items)
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < window:
+                item = next(queue, None)
+                if item is None:
+                    exhausted = True
+                    break
+                plan = plans[item.scene]
+                if item.resume:
+                    ref = finish_task.remote(plan, item.row, item.col, None, cfg)
+                    pending[ref] = (item, None)
+                else:
+                    a = min(load, key=load.get)
+                    load[a] += 1
+                    read_ref = read_task.remote(plan, item.row, item.col)
+                    pred_ref = actors[a].predict.remote(plan, item.row, item.col, read_ref)
+                    ref = finish_task.remote(plan, item.row, item.col, pred_ref, cfg)
+                    pending[ref] = (item, a)
+            if not pending:
+                break
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                item, a = pending.pop(ref)
+                if a is not None:
+                    load[a] -= 1
+                plan = plans[item.scene]
+                try:
+                    yield ray.get(ref)
+                except ray.exceptions.RayError as e:  # retries exhausted: report it as this block's failure
+                    block = plan.grid.block(item.row, item.col)
+                    yield BlockResult(plan.index, block.id, item.row, item.col, None,
+                                      error=f"{plan.path}: block {block.id}: {type(e).__name__}: {e}")
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True, recursive=True)
+        for a in actors:
+            ray.kill(a)
+        _restore_sigterm(previous)
+        if started:
+            ray.shutdown()
+
+
+def _install_sigterm():
+    """Turn SIGTERM (a cluster scheduler stopping the job) into the same clean stop as Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, _stop)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)

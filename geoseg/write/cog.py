@@ -1,0 +1,119 @@
+"""The class-mask output: written block by block, published as a Cloud-Optimized GeoTIFF.
+
+GDAL's COG driver only copies a finished dataset, so blocks go into a tiled scratch GeoTIFF as they arrive
+(in any order; memory holds one block), and ``finish`` copies it once through the COG driver (internal
+tiles, overviews by nearest/mode, the model's colour table and class names) to a temporary name that is
+renamed into place. The scratch file's layout depends on arrival order; the COG does not, so the published
+bytes are the same for every split of the work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from affine import Affine
+from rasterio.windows import Window
+
+from geoseg.errors import OutputError
+
+__all__ = ["MaskWriter", "CLASS_NAMES_TAG"]
+
+CLASS_NAMES_TAG = "GEOSEG_CLASS_NAMES"
+
+
+class MaskWriter:
+    """Accepts ``(window, mask)`` blocks for one scene and publishes ``mask.tif`` as a COG."""
+
+    def __init__(
+        self,
+        scratch_path: str | Path,
+        shape: tuple[int, int],
+        transform: Affine,
+        crs,
+        *,
+        class_names: list[str],
+        palette: dict[int, tuple[int, int, int, int]],
+        nodata: int = 255,
+        blocksize_px: int = 512,
+        compress: str = "deflate",
+        overviews: bool = True,
+        tags: dict[str, str] | None = None,
+        resume: bool = False,
+    ):
+        self.scratch_path = Path(scratch_path)
+        self.shape = shape
+        self.nodata = nodata
+        self.blocksize_px = blocksize_px
+        self.compress = compress
+        self.overviews = overviews
+        self.class_names = class_names
+        self.palette = palette
+        self.tags = dict(tags or {})
+        self.counts = np.zeros(256, dtype=np.int64)
+        rows, cols = shape
+        # Scratch tiles of 256 keep each write local; fast compression, the COG copy recompresses.
+        profile = dict(
+            driver="GTiff", width=cols, height=rows, count=1, dtype="uint8", crs=crs, transform=transform,
+            nodata=nodata, tiled=True, blockxsize=256, blockysize=256, compress="zstd", zstd_level=1,
+            bigtiff="IF_SAFER", sparse_ok=True,
+        )
+        try:
+            self.scratch_path.parent.mkdir(parents=True, exist_ok=True)
+            self._ds = rasterio.open(self.scratch_path, "w", **profile)
+        except (OSError, rasterio.errors.RasterioError) as e:
+            raise OutputError(f"{self.scratch_path}: cannot create the mask scratch file ({e})") from None
+
+    def write_block(self, window: Window, mask: np.ndarray) -> None:
+        """Write one block's class mask (uint8, rows x cols of ``window``)."""
+        if mask.dtype != np.uint8 or mask.shape != (int(window.height), int(window.width)):
+            raise ValueError(f"block mask {mask.dtype}{mask.shape} does not fit window {window}")
+        self._ds.write(mask, 1, window=window)
+        self.counts += np.bincount(mask.ravel(), minlength=256)
+
+    def class_pixel_counts(self) -> dict[str, int]:
+        """Pixels per class name over the written blocks (nodata under ``"nodata"``)."""
+        out = {}
+        for cid, n in enumerate(self.counts):
+            if n:
+                name = "nodata" if cid == self.nodata else (
+                    self.class_names[cid] if cid < len(self.class_names) else f"class_{cid}"
+                )
+                out[name] = int(n)
+        return out
+
+    def abort(self) -> None:
+        if not self._ds.closed:
+            self._ds.close()
+        self.scratch_path.unlink(missing_ok=True)
+
+    def finish(self, dst: str | Path) -> Path:
+        """Close the scratch file, copy it as a COG to ``dst`` atomically, remove the scratch."""
+        ds = self._ds
+        ds.write_colormap(1, {i: self.palette.get(i, (0, 0, 0, 0)) for i in range(256)})
+        ds.update_tags(**{CLASS_NAMES_TAG: json.dumps(self.class_names)}, **self.tags)
+        ds.update_tags(1, **{f"CLASS_{i}": n for i, n in enumerate(self.class_names)})
+        ds.set_band_description(1, "class")
+        ds.close()
+        dst = Path(dst)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        opts = dict(
+            driver="COG", BLOCKSIZE=self.blocksize_px, COMPRESS=self.compress.upper(),
+            OVERVIEWS="AUTO" if self.overviews else "NONE",
+            # MODE keeps the majority class at coarse zooms; NEAREST never invents a class either.
+            OVERVIEW_RESAMPLING="MODE", RESAMPLING="NEAREST", BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
+        )
+        if self.compress == "deflate":
+            opts["LEVEL"] = 6
+        try:
+            rasterio.shutil.copy(self.scratch_path, tmp, **opts)
+            os.replace(tmp, dst)
+        except (OSError, rasterio.errors.RasterioError) as e:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{dst}: cannot write the mask COG ({e})") from None
+        self.scratch_path.unlink(missing_ok=True)
+        return dst
