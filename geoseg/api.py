@@ -36,7 +36,11 @@ class WorkItem:
 
 
 def _failure(plan: ScenePlan, block: Block, e: BaseException) -> str:
-    return f"{plan.path}: block {block.id}: {type(e).__name__}: {e}"
+    """``<file>: block <id>: <problem>`` (the problem without a repeated file name)."""
+    msg = str(e).removeprefix(f"{plan.path}: ")
+    if not isinstance(e, GeosegError):
+        msg = f"{type(e).__name__}: {msg}"
+    return f"{plan.path}: block {block.id}: {msg}"
 
 
 def compute_block(plan: ScenePlan, block: Block, predictor) -> BlockResult:
@@ -103,22 +107,45 @@ def prepare(cfg: JobConfig, card) -> list[ScenePlan]:
                 f"inputs {seen[p.stem]!r} and {p.path!r} share the output name {p.stem!r}; rename one"
             )
         seen[p.stem] = p.path
-    store.ensure_dir(cfg.output.dir, cfg.storage)
+    _check_output_dir(cfg.output.dir)
     return plans
+
+
+def _check_output_dir(out: str) -> None:
+    """Fail before any compute when a local output directory cannot be created or written."""
+    if store.is_s3(out):
+        return  # S3 permissions show on the first write of job.json, still before any compute
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create the output directory ({e.strerror})") from None
+    if not os.path.isdir(out):
+        raise OutputError(f"{out}: output path exists and is not a directory")
+    probe = os.path.join(out, f".geoseg-write-test-{os.getpid()}")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise OutputError(f"{out}: output directory is not writable ({e.strerror})") from None
 
 
 def run(
     cfg: JobConfig,
     *,
-    model=None,
+    loaded_model=None,
     engine: str | None = None,
     on_result: Callable[[BlockResult], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run a job: returns one run record per scene. ``engine``: ray (default) or local."""
+    """Run a job: returns one run record per scene.
+
+    ``loaded_model`` skips loading ``cfg.model.name`` (tests, notebooks); ``engine`` overrides
+    ``runtime.engine``; ``on_result`` sees every block result as the writer takes it.
+    """
     from geoseg.models import load_model
 
     t0 = time.monotonic()
-    model = model or load_model(cfg.model.name)
+    model = loaded_model or load_model(cfg.model.name)
     plans = prepare(cfg, model.card)
     writers: dict[int, SceneWriter] = {}
     remaining: dict[int, int] = {}

@@ -147,4 +147,4 @@ class TileGrid:
 
     def window_transform(self, w: Window) -> Affine:
         """The affine transform of a window on this grid (same pixel size, shifted origin)."""
-        return self.transform * Affine.translation(w.col_off, w.row_off)
+        return self.transform @ Affine.translation(w.col_off, w.row_off)

@@ -108,10 +108,7 @@ def _dataset(plan: ScenePlan):
 
 def read_block(plan: ScenePlan, block: Block) -> tuple[np.ndarray, np.ndarray]:
     """Read a block's window (block + halo) in the model's bands: (data, valid)."""
-    try:
-        return raster.read_window(_dataset(plan), block.read, plan.bands)
-    except InputError as e:
-        raise BlockError(f"{plan.path}: block {block.id}: {e}") from None
+    return raster.read_window(_dataset(plan), block.read, plan.bands)
 
 
 @dataclass

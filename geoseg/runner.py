@@ -27,7 +27,7 @@ from typing import Iterator
 
 import ray
 
-from geoseg.api import WorkItem, compute_block, finish_block
+from geoseg.api import WorkItem, _failure, finish_block
 from geoseg.config import JobConfig
 from geoseg.pipeline import BlockResult, ScenePlan, read_block
 
@@ -65,8 +65,7 @@ class InferenceActor:
         try:
             pred = self.predictor.predict_block(block, data, valid)
         except Exception as e:
-            return BlockResult(plan.index, block.id, row, col, None,
-                               error=f"{plan.path}: block {block.id}: {type(e).__name__}: {e}")
+            return BlockResult(plan.index, block.id, row, col, None, error=_failure(plan, block, e))
         return BlockResult(plan.index, block.id, row, col, pred.mask, pred.tiles_inferred, pred.tiles_skipped,
                            pred.model_calls)
 
@@ -79,8 +78,7 @@ def _read(plan: ScenePlan, row: int, col: int):
     try:
         return read_block(plan, block)
     except Exception as e:
-        return BlockResult(plan.index, block.id, row, col, None,
-                           error=f"{plan.path}: block {block.id}: {type(e).__name__}: {e}")
+        return BlockResult(plan.index, block.id, row, col, None, error=_failure(plan, block, e))
 
 
 def _finish(plan: ScenePlan, row: int, col: int, result: BlockResult | None, cfg: JobConfig) -> BlockResult:
@@ -151,8 +149,7 @@ def ray_engine(plans: list[ScenePlan], items: list[WorkItem], cfg: JobConfig, mo
                     yield ray.get(ref)
                 except ray.exceptions.RayError as e:  # retries exhausted: report it as this block's failure
                     block = plan.grid.block(item.row, item.col)
-                    yield BlockResult(plan.index, block.id, item.row, item.col, None,
-                                      error=f"{plan.path}: block {block.id}: {type(e).__name__}: {e}")
+                    yield BlockResult(plan.index, block.id, item.row, item.col, None, error=_failure(plan, block, e))
     finally:
         for ref in pending:
             ray.cancel(ref, force=True, recursive=True)

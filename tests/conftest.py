@@ -33,3 +33,21 @@ def shared_data() -> Path:
 def s2_chip(shared_data) -> Path:
     """The real Sentinel-2 L1C chip (13 bands, 512x512, EPSG:4326, nodata 0)."""
     return _require(shared_data / "sentinel2" / "Spain_7370579_S2Hand.tif")
+
+
+@pytest.fixture(scope="session")
+def tiny_unet(tmp_path_factory):
+    """A small untrained U-Net bundle with Dynamic World's bands and classes: fast, for pipeline mechanics."""
+    import torch
+
+    from geoseg.models import get_model, load_model, save_bundle
+
+    dw = load_model("dynamic-world").card
+    card = dw.model_copy(update={
+        "name": "tiny-unet", "version": "0", "architecture": "unet",
+        "arch_params": {"in_channels": 9, "num_classes": 9, "base_channels": 4, "depth": 2},
+        "output_stride": 4, "halo_px": 16,
+    })
+    torch.manual_seed(0)
+    module = get_model("unet", **card.arch_params)
+    return load_model(save_bundle(module, card, tmp_path_factory.mktemp("bundles") / "tiny-unet"))

@@ -226,18 +226,22 @@ class CountingProxy:
                     data = resp.read()
                 finally:
                     conn.close()
+                head = self.command == "HEAD"
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
-                    if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length",
-                                         "server", "date"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                    # A HEAD answer keeps the object's Content-Length; a body's is recomputed below.
+                    if k.lower() in ("connection", "keep-alive", "transfer-encoding", "server", "date") or (
+                        k.lower() == "content-length" and not head
+                    ):
+                        continue
+                    self.send_header(k, v)
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if not head:
                     self.wfile.write(data)
                 with proxy.lock:
-                    proxy.log.append((self.command, self.path, resp.status, len(data) if self.command != "HEAD"
-                                      else 0, self.headers.get("Range", "")))
+                    proxy.log.append((self.command, self.path, resp.status, len(data), self.headers.get("Range", "")))
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 

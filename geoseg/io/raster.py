@@ -75,9 +75,15 @@ def open_raster(path: str, storage: StorageConfig | None = None) -> Iterator[ras
         yield src
 
 
-def _gdal_reason(e: Exception) -> str:
-    msg = str(e).strip()
-    return msg.splitlines()[0] if msg else type(e).__name__
+def _gdal_reason(e: BaseException) -> str:
+    """The most specific GDAL message: rasterio often says "see previous exception" and chains GDAL's."""
+    parts = []
+    while e is not None and len(parts) < 3:
+        msg = str(e).strip()
+        if msg and "See previous exception" not in msg:
+            parts.append(msg.splitlines()[0])
+        e = e.__cause__ or e.__context__
+    return "; ".join(parts) if parts else "read failed"
 
 
 def inspect(src: rasterio.DatasetReader, path: str | None = None) -> RasterInfo:
@@ -105,8 +111,7 @@ def inspect(src: rasterio.DatasetReader, path: str | None = None) -> RasterInfo:
         )
     if t.a == 0 or t.e == 0 or not all(math.isfinite(v) for v in tuple(t)[:6]):
         raise InputError(f"{path}: invalid geotransform {tuple(t)[:6]}")
-    if t == Affine.identity() and not src.crs:
-        raise InputError(f"{path}: has no georeferencing")
+    _probe_last_block(src, path)
     return RasterInfo(
         path=str(path),
         shape=(src.height, src.width),
@@ -118,6 +123,14 @@ def inspect(src: rasterio.DatasetReader, path: str | None = None) -> RasterInfo:
         descriptions=tuple(src.descriptions),
         driver=src.driver,
     )
+
+
+def _probe_last_block(src: rasterio.DatasetReader, path: str) -> None:
+    """Read the last pixel of every band: a truncated file fails here, before any work, not hours later."""
+    try:
+        src.read(window=Window(src.width - 1, src.height - 1, 1, 1))
+    except RasterioError as e:
+        raise InputError(f"{path}: truncated or corrupt raster ({_gdal_reason(e)})") from None
 
 
 def resolve_bands(info: RasterInfo, model_bands: list[str], bands: list[int] | None) -> list[int]:

@@ -1,0 +1,60 @@
+"""U-Net (Ronneberger et al. 2015) in plain PyTorch, for training on any band and class count."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["UNet"]
+
+
+class _DoubleConv(nn.Sequential):
+    """(3x3 conv -> BN -> ReLU) x 2."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net: ``depth`` max-pool stages with skip connections; logits at the input's H x W.
+
+    Widths double per stage from ``base_channels``. Inputs whose sides are not multiples of
+    ``2**depth`` (the output stride a card should declare) are zero-padded on the bottom/right and the
+    output cropped back, so any size works.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, base_channels: int = 32, depth: int = 4):
+        super().__init__()
+        if in_channels < 1 or num_classes < 1 or base_channels < 1 or depth < 1:
+            raise ValueError("in_channels, num_classes, base_channels and depth must be >= 1")
+        widths = [base_channels * 2**i for i in range(depth + 1)]
+        self.depth = depth
+        self.inc = _DoubleConv(in_channels, widths[0])
+        self.down = nn.ModuleList(_DoubleConv(widths[i], widths[i + 1]) for i in range(depth))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth)))
+        self.dec = nn.ModuleList(_DoubleConv(2 * widths[i], widths[i]) for i in reversed(range(depth)))
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+    @property
+    def output_stride(self) -> int:
+        return 2**self.depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        s = self.output_stride
+        x = F.pad(x, (0, -w % s, 0, -h % s))
+        skips = [self.inc(x)]
+        for down in self.down:
+            skips.append(down(F.max_pool2d(skips[-1], 2)))
+        y = skips.pop()
+        for up, dec in zip(self.up, self.dec):
+            y = dec(torch.cat([up(y), skips.pop()], dim=1))
+        return self.head(y)[..., :h, :w]

@@ -1,0 +1,46 @@
+"""Ray job entrypoint: scheduled mapping of new imagery (e.g. every night over an S3 prefix).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/scheduled_mapping.py configs/cluster_scheduled.yaml --set output.dir=s3://bucket/run-2026-11-25/
+
+Inside a Ray job RAY_ADDRESS is set, so geoseg joins the cluster instead of starting a local Ray. Scenes whose
+outputs are complete are skipped (their run.json exists), interrupted ones resume from their block records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from geoseg.api import run
+from geoseg.config import load_config
+from geoseg.errors import GeosegError, OutputError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides + ["runtime.progress=log"])
+        records = run(cfg)
+    except OutputError as e:
+        # A scheduled rerun over scenes that are already done is not a failure worth paging anyone about.
+        if "already exist" in str(e):
+            logging.info("nothing to do: %s", e)
+            return 0
+        logging.error("%s", e)
+        return 1
+    except GeosegError as e:
+        logging.error("%s", e)
+        return 1
+    for r in records:
+        logging.info("done: %s -> %s", r["input"]["path"], r["outputs"]["mask"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
