@@ -48,7 +48,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="alternating rounds; each side's best is reported")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads for both")
     ap.add_argument(
-        "--tf-python", default=DEFAULT_TF_PYTHON if Path(DEFAULT_TF_PYTHON).exists() else None,
+        "--tf-python",
+        default=DEFAULT_TF_PYTHON if Path(DEFAULT_TF_PYTHON).exists() else None,
         help="an interpreter with tensorflow (default /tmp/tfvenv/bin/python if present)",
     )
     args = ap.parse_args()
@@ -72,7 +73,10 @@ def main() -> None:
     if args.tf_python and SAVED_MODEL.exists():
         tf_proc = subprocess.Popen(
             [args.tf_python, "-c", _TF_WORKER, str(SAVED_MODEL), str(args.size), str(args.threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         if tf_proc.stdout.readline().strip() != "ready":
             raise SystemExit(f"the TensorFlow worker ({args.tf_python}) failed to start")
@@ -89,7 +93,10 @@ def main() -> None:
         tf_proc.stdin.close()
         tf_proc.wait()
 
-    print(f"Dynamic World forward, 1x{args.size}x{args.size}x9 float32, CPU, {args.threads} threads, best of {args.repeats}")
+    print(
+        f"Dynamic World forward, 1x{args.size}x{args.size}x9 float32, CPU, {args.threads} threads, "
+        f"best of {args.repeats}"
+    )
     print(f"  torch (geoseg)     {t_torch:8.3f} s   (torch {torch.__version__})")
     if tf_proc:
         print(f"  SavedModel (TF)    {t_tf:8.3f} s")

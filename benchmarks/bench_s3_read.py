@@ -5,8 +5,9 @@ COG built from the real Sentinel-2 chip (256-px blocks, deflate), and for each o
 key each time (so no process-level cache helps):
 
 * requests and bytes transferred, through a counting loopback proxy (one pass);
-* wall time of ``open`` + reading 4 scattered 256x256 windows, and of one 1024x1024 window (median of --reps,
-  straight to the server).
+* wall time of ``open`` + reading 4 scattered 256x256 windows, and of one 1024x1024 window (median of --reps):
+  straight to the server on loopback, and through the proxy emulating a network (default 20 ms per request,
+  100 MB/s per stream), since loopback makes a whole-object download look free.
 
 Run: ``.venv/bin/python benchmarks/bench_s3_read.py [--reps 3]``. The numbers are quoted in geoseg/io/store.py.
 """
@@ -29,12 +30,11 @@ from rasterio.session import DummySession
 from rasterio.windows import Window
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from s3server import ACCESS_KEY, REGION, SECRET_KEY, CountingProxy, S3Server  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 from geoseg.config import StorageConfig  # noqa: E402
 from geoseg.io import store  # noqa: E402
+from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, CountingProxy, S3Server  # noqa: E402
 
 CHIP = Path(os.environ.get("GEOSEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "sentinel2" / (
     "Spain_7370579_S2Hand.tif"
@@ -129,6 +129,8 @@ def workload_big(ds) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--latency-ms", type=float, default=20.0, help="emulated per-request latency")
+    ap.add_argument("--mbps", type=float, default=100.0, help="emulated bandwidth per stream, MB/s")
     args = ap.parse_args()
     os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_REGION=REGION)
     os.environ.pop("AWS_PROFILE", None)
@@ -156,34 +158,44 @@ def main() -> None:
 
             direct = server.storage_config()
             counted = server.storage_config(endpoint_url=proxy.endpoint_url)
-            print(f"COG 2048x2048x13 int16, 256-px blocks, deflate: {size / 1e6:.1f} MB; server moto on 127.0.0.1")
-            print(f"workload A: open + 4 windows of 256x256 (one block each); B: open + one 1024x1024 window")
-            print(f"{'opener':34s} {'A req':>6s} {'A MB':>7s} {'A s':>7s} {'B req':>6s} {'B MB':>7s} {'B s':>7s}")
-            results = {}
+            print(f"COG 2048x2048x13 int16, 256-px blocks, deflate: {size / 1e6:.1f} MB; moto on 127.0.0.1")
+            print("A: open + 4 windows of 256x256 (one block each); B: open + one 1024x1024 window (16 blocks)")
+            print(f"time: median of {args.reps}; 'loopback' straight to moto, 'emulated' through the proxy with "
+                  f"{args.latency_ms:g} ms per request and {args.mbps:g} MB/s")
+            cols = f"{'req':>4s} {'MB':>6s} {'loopback':>9s} {'emulated':>9s}"
+            print(f"{'':32s} | {'A':^31s} | {'B':^31s} |")
+            print(f"{'opener':32s} | {cols} | {cols} |")
+            results: dict[str, list[float]] = {}
             for name, opener in CASES.items():
-                row = []
+                row: list[float] = []
                 for work, want in ((workload_small, want_small), (workload_big, want_big)):
+                    proxy.latency_s, proxy.bandwidth_bps = 0.0, None
                     proxy.reset()
                     with opener(fresh_key(), counted) as ds:
                         got = work(ds)
                     assert np.array_equal(got, want), name
                     time.sleep(0.05)  # the proxy logs a request after answering it
-                    n, nbytes = proxy.requests, proxy.bytes_out
-                    times = []
-                    for _ in range(args.reps):
-                        url = fresh_key()
-                        t0 = time.perf_counter()
-                        with opener(url, direct) as ds:
-                            work(ds)
-                        times.append(time.perf_counter() - t0)
-                    row += [n, nbytes / 1e6, statistics.median(times)]
+                    row += [proxy.requests, proxy.bytes_out / 1e6]
+                    for storage, latency, bandwidth in ((direct, 0.0, None),
+                                                        (counted, args.latency_ms / 1e3, args.mbps * 1e6)):
+                        proxy.latency_s, proxy.bandwidth_bps = latency, bandwidth
+                        times = []
+                        for _ in range(args.reps):
+                            url = fresh_key()
+                            t0 = time.perf_counter()
+                            with opener(url, storage) as ds:
+                                work(ds)
+                            times.append(time.perf_counter() - t0)
+                        row.append(statistics.median(times))
                 results[name] = row
-                print(f"{name:34s} {row[0]:6d} {row[1]:7.2f} {row[2]:7.3f} {row[3]:6d} {row[4]:7.2f} {row[5]:7.3f}")
+                cells = " | ".join(f"{int(r):4d} {mb:6.2f} {t1:8.3f}s {t2:8.3f}s"
+                                   for r, mb, t1, t2 in (row[:4], row[4:]))
+                print(f"{name:32s} | {cells} |")
             ours = results["gdal /vsis3/ + geoseg options"]
             for name, row in results.items():
                 if row is not ours:
-                    print(f"{name}: {row[2] / ours[2]:.1f}x (A) and {row[5] / ours[5]:.1f}x (B) the time of /vsis3/ "
-                          f"with geoseg options")
+                    print(f"{name}: emulated-network time {row[3] / ours[3]:.1f}x (A), {row[7] / ours[7]:.1f}x (B) "
+                          "that of /vsis3/ + geoseg options")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import ray
 
 from geoseg.api import WorkItem, _failure, finish_block
 from geoseg.config import JobConfig
+from geoseg.errors import ConfigError
 from geoseg.pipeline import BlockResult, ScenePlan, read_block
 
 log = logging.getLogger("geoseg")
@@ -44,8 +45,31 @@ def init_ray(cfg: JobConfig) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.runtime.num_cpus, include_dashboard=False, log_to_driver=True)
+        rt = cfg.runtime
+        # Logical CPUs: enough for the actor pool plus read/finish tasks even on a small machine, so the
+        # embedded default can never deadlock with every CPU held by an actor.
+        need = rt.workers * rt.cpus_per_worker + 2 * rt.cpus_per_task
+        ray.init(num_cpus=rt.num_cpus or max(os.cpu_count() or 1, int(need + 0.999)),
+                 include_dashboard=False, log_to_driver=True)
     return True
+
+
+def _check_resources(cfg: JobConfig, gpus: float) -> None:
+    """Refuse a pool that can never be scheduled here (it would wait forever), naming the settings."""
+    rt = cfg.runtime
+    have = ray.cluster_resources()
+    need_cpu = rt.workers * rt.cpus_per_worker + rt.cpus_per_task
+    if need_cpu > have.get("CPU", 0) + 1e-9:
+        raise ConfigError(
+            f"runtime.workers={rt.workers} x runtime.cpus_per_worker={rt.cpus_per_worker} plus "
+            f"runtime.cpus_per_task={rt.cpus_per_task} need {need_cpu:g} CPUs; the Ray cluster has "
+            f"{have.get('CPU', 0):g}. Lower them (fractions are allowed) or add nodes"
+        )
+    if gpus and rt.workers * gpus > have.get("GPU", 0) + 1e-9:
+        raise ConfigError(
+            f"runtime.workers={rt.workers} x runtime.num_gpus_per_worker={gpus:g} need "
+            f"{rt.workers * gpus:g} GPUs; the Ray cluster has {have.get('GPU', 0):g}"
+        )
 
 
 @ray.remote
@@ -109,6 +133,7 @@ def ray_engine(plans: list[ScenePlan], items: list[WorkItem], cfg: JobConfig, mo
         need_model = any(not it.resume for it in items)
         if need_model:
             gpus = _gpus_per_worker(cfg)
+            _check_resources(cfg, gpus)
             model_ref = ray.put(model)  # the weights travel once through the object store, not per block
             actor_cls = InferenceActor.options(
                 num_cpus=rt.cpus_per_worker, num_gpus=gpus, max_restarts=-1, max_task_retries=-1

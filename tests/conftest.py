@@ -51,3 +51,23 @@ def tiny_unet(tmp_path_factory):
     torch.manual_seed(0)
     module = get_model("unet", **card.arch_params)
     return load_model(save_bundle(module, card, tmp_path_factory.mktemp("bundles") / "tiny-unet"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole test run: 2 CPUs, one logical GPU (so GPU actors get scheduled), no dashboard."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    # left running for later tests; Ray shuts down at interpreter exit
+
+
+@pytest.fixture(scope="session")
+def dw_model():
+    """The Dynamic World model, loaded once per test run."""
+    from geoseg.models import load_model
+
+    return load_model("dynamic-world")

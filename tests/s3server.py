@@ -7,12 +7,12 @@ Enable the fixtures with one line in ``tests/conftest.py``::
 
     pytest_plugins = ["tests.s3server"]
 
-(or ``from tests.s3server import s3_server`` in a test module). Without ``.venv-moto`` the S3 tests skip, unless
-``GEOSEG_REQUIRE_S3=1`` (CI), where they fail.
+(a test module may say the same; the plugin is registered once either way). Without ``.venv-moto`` the S3 tests
+skip, unless ``GEOSEG_REQUIRE_S3=1`` (CI), where they fail.
 
-Also here: ``CountingProxy``, a loopback HTTP proxy that forwards to the server and counts requests and bytes, so a
-test can *measure* what a read costs; and ``S3Server.enforce_auth()``, which makes moto check IAM permissions so
-access-denied is a real 403 from the server, not a mock.
+Also here: ``CountingProxy``, a loopback HTTP proxy that forwards to the server and counts requests and bytes (and
+can add latency and a bandwidth cap), so a test can *measure* what a read costs; and ``S3Server.enforce_auth()``,
+which makes moto check signatures and IAM policies, so access-denied is a real 403 from the server, not a mock.
 """
 
 from __future__ import annotations
@@ -177,7 +177,9 @@ class S3Server:
         return key["AccessKeyId"], key["SecretAccessKey"]
 
     def _set_auth_count(self, value: str) -> None:
-        req = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset-auth", data=value.encode(), method="POST")
+        # text/plain: a form content type would make Flask swallow the body.
+        req = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset-auth", data=value.encode(), method="POST",
+                                     headers={"Content-Type": "text/plain"})
         with urllib.request.urlopen(req, timeout=10) as r:
             r.read()
 
@@ -199,11 +201,16 @@ class CountingProxy:
     s3fs at ``proxy.endpoint_url`` instead of the server's and read ``requests`` / ``bytes_out`` / ``log``.
     """
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, latency_s: float = 0.0, bandwidth_bps: float | None = None):
         host, port = upstream.removeprefix("http://").rstrip("/").split(":")
         self.upstream = (host, int(port))
+        # Optional network emulation (per-request latency, per-stream bandwidth): loopback has neither, so
+        # without it a full download looks as cheap as a ranged read.
+        self.latency_s = latency_s
+        self.bandwidth_bps = bandwidth_bps
         self.lock = threading.Lock()
         self.log: list[tuple[str, str, int, int, str]] = []  # (method, path, status, body bytes, range)
+        self.signed: list[bool] = []  # per request: did it carry an Authorization header (or a presigned URL)?
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -227,6 +234,9 @@ class CountingProxy:
                 finally:
                     conn.close()
                 head = self.command == "HEAD"
+                delay = proxy.latency_s + (len(data) / proxy.bandwidth_bps if proxy.bandwidth_bps else 0.0)
+                if delay:
+                    time.sleep(delay)
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     # A HEAD answer keeps the object's Content-Length; a body's is recomputed below.
@@ -242,6 +252,7 @@ class CountingProxy:
                     self.wfile.write(data)
                 with proxy.lock:
                     proxy.log.append((self.command, self.path, resp.status, len(data), self.headers.get("Range", "")))
+                    proxy.signed.append("Authorization" in self.headers or "X-Amz-Signature=" in self.path)
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
@@ -266,6 +277,7 @@ class CountingProxy:
     def reset(self) -> None:
         with self.lock:
             self.log.clear()
+            self.signed.clear()
 
     def __enter__(self) -> CountingProxy:
         self.thread.start()

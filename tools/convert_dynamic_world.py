@@ -87,7 +87,7 @@ def dump(saved_model: Path, out: Path) -> None:
     np.savez(out, **arrays)
 
 
-def to_state_dict(tf_vars: dict[str, np.ndarray]) -> dict[str, "torch.Tensor"]:  # noqa: F821
+def to_state_dict(tf_vars: dict[str, np.ndarray]) -> dict:
     """Map Keras variables onto DynamicWorldNet's state_dict (HWIO -> OIHW, depthwise HWC1 -> C1HW)."""
     import torch
 
@@ -120,7 +120,7 @@ def to_state_dict(tf_vars: dict[str, np.ndarray]) -> dict[str, "torch.Tensor"]: 
     return {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def dynamic_world_card() -> "ModelCard":  # noqa: F821
+def dynamic_world_card():  # -> geoseg.models.ModelCard (imported late: the --dump side has no torch)
     """The model card shipped with the converted weights."""
     from geoseg.models.card import ModelCard
 
@@ -183,7 +183,8 @@ def convert(saved_model: Path, tf_python: str, out: Path) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "dw_vars.npz"
-        subprocess.run([tf_python, __file__, "--dump", "--saved-model", str(saved_model), "--npz", str(npz)], check=True)
+        cmd = [tf_python, __file__, "--dump", "--saved-model", str(saved_model), "--npz", str(npz)]
+        subprocess.run(cmd, check=True)
         with np.load(npz) as f:
             tf_vars = {k: f[k] for k in f.files}
     net = DynamicWorldNet()

@@ -1,6 +1,9 @@
 """Input/output plumbing: local paths and ``s3://`` URLs behind one API (see ``geoseg.io.store``)."""
 
 from geoseg.io.store import (
+    AccessDeniedError,
+    EndpointUnreachableError,
+    ObjectNotFoundError,
     exists,
     expand_inputs,
     filesystem,
@@ -19,6 +22,9 @@ from geoseg.io.store import (
 )
 
 __all__ = [
+    "AccessDeniedError",
+    "EndpointUnreachableError",
+    "ObjectNotFoundError",
     "exists",
     "expand_inputs",
     "filesystem",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from geoseg.errors import ModelError
+from geoseg.models._exact import simd_inplace
 
 __all__ = ["ClassInfo", "Normalization", "ModelCard", "NORMALIZATIONS"]
 
@@ -37,16 +39,27 @@ def _describe(err: ValidationError, source: str) -> str:
     return f"{source}: invalid model card: " + "; ".join(lines)
 
 
+# How many card models are being validated on this stack: pydantic calls a nested model's custom
+# __init__ too, and only the outermost one may turn the ValidationError (which keeps field paths) into
+# a ModelError.
+_NESTING: ContextVar[int] = ContextVar("geoseg_card_nesting", default=0)
+
+
 class _Frozen(BaseModel):
     """Frozen, extra="forbid"; a validation failure on construction raises ModelError, not ValidationError."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     def __init__(self, **data: Any):
+        token = _NESTING.set(_NESTING.get() + 1)
         try:
             super().__init__(**data)
         except ValidationError as e:
+            if _NESTING.get() > 1:
+                raise
             raise ModelError(_describe(e, type(self).__name__)) from None
+        finally:
+            _NESTING.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -69,9 +82,10 @@ def _dynamic_world(x: torch.Tensor, p: dict) -> torch.Tensor:
     table = torch.as_tensor(p["percentiles"], dtype=torch.float32, device=x.device)
     if table.shape != (x.shape[1], 2):
         raise ModelError(f"normalization percentiles: table is {tuple(table.shape)}, input has {x.shape[1]} bands")
-    y = torch.log(x * 0.005 + 1.0)
+    # log/exp via simd_inplace: the same bits for a pixel in any tile (see geoseg/models/_exact.py).
+    y = simd_inplace(torch.Tensor.log_, (x * 0.005 + 1.0).contiguous())
     y = (y - table[:, 0].view(1, -1, 1, 1)) / table[:, 1].view(1, -1, 1, 1)
-    y = torch.exp(y * 5.0 - 1.0)
+    y = simd_inplace(torch.Tensor.exp_, (y * 5.0 - 1.0).contiguous())
     return y / (y + 1.0)
 
 
@@ -212,10 +226,13 @@ class ModelCard(_Frozen):
         """Validate a plain mapping; errors name ``source`` and the field."""
         if not isinstance(data, dict):
             raise ModelError(f"{source}: a model card must be a mapping of fields, got {type(data).__name__}")
+        token = _NESTING.set(1)
         try:
             return cls.model_validate(data)
         except ValidationError as e:
             raise ModelError(_describe(e, source)) from None
+        finally:
+            _NESTING.reset(token)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelCard:

@@ -50,8 +50,9 @@ class ResNetEncoder(nn.Module):
         )
         strides, dilations = (1, 2, 2, 1), (1, 1, 1, 2)  # the last stage dilates instead of striding (OS 16)
         stages, c_in = [], w[0]
-        for c, n, s, d in zip(w, blocks, strides, dilations):
-            stages.append(nn.Sequential(*(_BasicBlock(c_in if i == 0 else c, c, s if i == 0 else 1, d) for i in range(n))))
+        for c, n, s, d in zip(w, blocks, strides, dilations, strict=True):
+            blocks_ = [_BasicBlock(c_in if i == 0 else c, c, s if i == 0 else 1, d) for i in range(n)]
+            stages.append(nn.Sequential(*blocks_))
             c_in = c
         self.stages = nn.ModuleList(stages)
         self.low_channels, self.out_channels = w[0], w[3]
@@ -70,7 +71,8 @@ class _ASPP(nn.Module):
     def __init__(self, in_channels: int, channels: int, rates: tuple[int, ...], image_pooling: bool):
         super().__init__()
         self.branches = nn.ModuleList(
-            [_conv_bn_relu(in_channels, channels, 1)] + [_conv_bn_relu(in_channels, channels, 3, dilation=r) for r in rates]
+            [_conv_bn_relu(in_channels, channels, 1)]
+            + [_conv_bn_relu(in_channels, channels, 3, dilation=r) for r in rates]
         )
         self.pool = _conv_bn_relu(in_channels, channels, 1) if image_pooling else None
         n = len(self.branches) + (1 if image_pooling else 0)

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geoseg.models._exact import simd_inplace
+
 __all__ = ["DynamicWorldNet", "ConvBNMish", "SeparableResBlock", "antialias_downsample2", "bilinear_upsample2"]
 
 BN_EPS = 1e-3  # Keras BatchNormalization default, as stored in the SavedModel
@@ -74,6 +76,10 @@ def bilinear_upsample2(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return y
 
 
+def _mish_(x: torch.Tensor) -> None:
+    F.mish(x, inplace=True)
+
+
 class ConvBNMish(nn.Module):
     """Conv (bias, zero 'same' padding) -> BatchNorm (eps 1e-3) -> Mish; ``depthwise`` makes it 3x3 per channel.
 
@@ -96,7 +102,7 @@ class ConvBNMish(nn.Module):
         weight = self.conv.weight * scale.view(-1, 1, 1, 1)
         bias = (self.conv.bias - bn.running_mean) * scale + bn.bias
         y = F.conv2d(x, weight, bias, padding=self.conv.padding, groups=self.conv.groups)
-        return F.mish(y, inplace=True)
+        return simd_inplace(_mish_, y)
 
 
 class SeparableResBlock(nn.Module):

@@ -146,7 +146,11 @@ def _check_state_dict(module: nn.Module, sd: dict[str, torch.Tensor], path: Path
     # BatchNorm's step counter is training bookkeeping; bundles from other tools may omit it.
     missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in expected]
-    wrong = [(k, tuple(expected[k].shape), tuple(sd[k].shape)) for k in expected if k in sd and expected[k].shape != sd[k].shape]
+    wrong = [
+        (k, tuple(expected[k].shape), tuple(sd[k].shape))
+        for k in expected
+        if k in sd and expected[k].shape != sd[k].shape
+    ]
     problems = []
     if wrong:
         problems.append(
@@ -175,7 +179,9 @@ def _check_io(module: nn.Module, card: ModelCard, source: str) -> None:
         with torch.inference_mode():
             y = module(x)
     except RuntimeError as e:
-        raise ModelError(f"{source}: the module does not accept {len(card.bands)} input bands {card.bands}: {e}") from None
+        raise ModelError(
+            f"{source}: the module does not accept {len(card.bands)} input bands {card.bands}: {e}"
+        ) from None
     if tuple(y.shape) != (1, card.num_classes, side, side):
         raise ModelError(
             f"{source}: module output is {tuple(y.shape)} for a {side}x{side} input; the card expects "
@@ -238,5 +244,6 @@ def save_bundle(module: nn.Module, card: ModelCard, directory: str | Path) -> Pa
     _check_state_dict(reference, sd, directory, card.architecture)
     directory.mkdir(parents=True, exist_ok=True)
     card.to_yaml(directory / CARD_FILE)
-    save_file(sd, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "model": card.name, "version": card.version})
+    # one metadata key only: safetensors writes a multi-key map in random order (non-reproducible bytes)
+    save_file(sd, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     return directory

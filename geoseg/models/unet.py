@@ -39,7 +39,9 @@ class UNet(nn.Module):
         self.depth = depth
         self.inc = _DoubleConv(in_channels, widths[0])
         self.down = nn.ModuleList(_DoubleConv(widths[i], widths[i + 1]) for i in range(depth))
-        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth)))
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth))
+        )
         self.dec = nn.ModuleList(_DoubleConv(2 * widths[i], widths[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
 
@@ -55,6 +57,6 @@ class UNet(nn.Module):
         for down in self.down:
             skips.append(down(F.max_pool2d(skips[-1], 2)))
         y = skips.pop()
-        for up, dec in zip(self.up, self.dec):
+        for up, dec in zip(self.up, self.dec, strict=True):
             y = dec(torch.cat([up(y), skips.pop()], dim=1))
         return self.head(y)[..., :h, :w]

@@ -1,0 +1,1481 @@
+"""Class mask -> polygons, block by block, equal to one whole-mask polygonize.
+
+The pieces, in the order data flows through them (pure functions and small state objects; no Ray here):
+
+``polygonize_block``  one block of the mask -> ``BlockPolygons``: the block's polygons (GDAL's polygonize via
+    ``rasterio.features.shapes``) in *global pixel coordinates* (x = column, y = row of the full raster, integer
+    pixel corners), plus, for each block side, the pixel intervals each polygon's exterior covers there.
+    Plain numpy arrays: cheap to pickle across processes or Ray.
+``SeamMerger``  takes blocks in any order. A polygon that touches no internal block edge is final at once.
+    Polygons that do are joined across seams (union-find on the side intervals: overlapping same-class
+    intervals for 4-connectivity, also touching ones -- diagonal neighbours -- for 8, plus block corners) and a
+    group is emitted as soon as no block it touches is unseen. Memory holds only the open seams and the
+    polygons still touching them. A finished group's rings are re-chained exactly (below), so the output equals
+    a single ``rasterio.features.shapes`` of the whole mask: same polygons, same vertices, same ring starts.
+``sieve_block`` / ``sieve_array``  a minimum mapping unit that is identical block-wise and whole (see there).
+``simplify_coverage``  shapely's ``coverage_simplify`` on finished polygons (shared borders stay shared).
+``polygon_table`` / ``to_map_coords``  affine to map coordinates; ``class_id``, ``class_name``, ``area_m2``,
+    ``perimeter_m`` (geodesic in a geographic CRS), ``scene``, ``model``, ``model_version``, ``polygon_id``.
+``PolygonSink``  the single-writer half: merger -> simplification bands -> class filter -> attributes -> writers.
+``vectorize_file``  ``geoseg vectorize MASK.tif --out FILE``: worker processes read and polygonize blocks, the
+    parent merges and writes.
+
+Exact seam merge. GDAL traces every ring with the region on its left (exteriors counter-clockwise on screen,
+holes clockwise) and, at a pinch vertex (two diagonal pixels of the region), always turns right, for either
+connectivity (checked against it on thousands of random masks). A block's rings are therefore those of the
+whole mask except at vertices on its edges, and at vertices where rings of two of its polygons meet (4-connected
+diagonal pixels that only the merge connects). Merging a group cuts its rings at such vertices, cancels the seam
+unit edges that appear in both directions (same-class pixels on both sides), re-chains the pieces with the
+right-turn rule, drops the collinear vertices the cuts left, and starts each ring at its lowest (row, col)
+vertex as GDAL does.
+
+``polygon_id`` is the linear pixel index ``row * cols + col`` of the polygon's first pixel in raster order (its
+top-left pixel): unique, and the same for every block split and order.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import rasterio
+import shapely
+from affine import Affine
+from rasterio import features
+from rasterio.windows import Window
+
+from geoseg.errors import InputError, OutputError
+
+__all__ = [
+    "BlockPolygons",
+    "PolygonSet",
+    "SeamMerger",
+    "PolygonSink",
+    "VectorizeResult",
+    "polygonize_block",
+    "polygonize_array",
+    "sieve_array",
+    "sieve_block",
+    "sieve_context_px",
+    "sieve_size_px",
+    "read_with_context",
+    "resolve_classes",
+    "to_map_coords",
+    "polygon_table",
+    "simplify_coverage",
+    "simplify_tolerance",
+    "block_windows",
+    "read_class_names",
+    "read_palette",
+    "output_paths",
+    "vectorize_file",
+    "CLASS_NAMES_TAG",
+]
+
+CLASS_NAMES_TAG = "GEOSEG_CLASS_NAMES"
+NODATA = 255
+
+# Block sides (bit flags) and the (drow, dcol) of the neighbour across each.
+W, E, N, S = 1, 2, 4, 8
+_SIDE_STEP = {W: (0, -1), E: (0, 1), N: (-1, 0), S: (1, 0)}
+_OPPOSITE = {W: E, E: W, N: S, S: N}
+# Block corners, as (drow, dcol) of the diagonal neighbour; the opposite corner is the negated step.
+_CORNERS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
+
+_COORD_BITS = 22  # pixel coordinates fit in 22 bits (4 M px a side) when packed into int64 keys
+
+
+# ------------------------------------------------------------------------------------------------ arrays
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + c)`` for each (s, c), vectorized."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.asarray(starts, dtype=np.int64)
+    shift = starts - (np.cumsum(counts) - counts)
+    return np.repeat(shift, counts) + np.arange(total, dtype=np.int64)
+
+
+def _offsets(counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+@dataclass
+class PolygonSet:
+    """Finished polygons in global pixel coordinates, columnar (shapely ``from_ragged_array`` layout).
+
+    ``coords`` (N, 2) int32 pixel corners (x = column, y = row), every ring closed; ``ring_offsets`` (R + 1)
+    and ``poly_offsets`` (P + 1) index rings and polygons; the first ring of a polygon is its exterior.
+    """
+
+    coords: np.ndarray
+    ring_offsets: np.ndarray
+    poly_offsets: np.ndarray
+    class_ids: np.ndarray
+    polygon_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.class_ids)
+
+    @classmethod
+    def empty(cls) -> PolygonSet:
+        z = np.zeros(1, dtype=np.int64)
+        return cls(np.zeros((0, 2), np.int32), z, z.copy(), np.zeros(0, np.uint8), np.zeros(0, np.int64))
+
+    @classmethod
+    def concat(cls, sets: Iterable[PolygonSet]) -> PolygonSet:
+        sets = [s for s in sets if len(s)]
+        if not sets:
+            return cls.empty()
+        if len(sets) == 1:
+            return sets[0]
+        coords = np.concatenate([s.coords for s in sets])
+        n_coords = np.cumsum([0] + [len(s.coords) for s in sets[:-1]])
+        n_rings = np.cumsum([0] + [len(s.ring_offsets) - 1 for s in sets[:-1]])
+        ring_off = np.concatenate([[0]] + [s.ring_offsets[1:] + k for s, k in zip(sets, n_coords)])
+        poly_off = np.concatenate([[0]] + [s.poly_offsets[1:] + k for s, k in zip(sets, n_rings)])
+        return cls(
+            coords,
+            ring_off.astype(np.int64),
+            poly_off.astype(np.int64),
+            np.concatenate([s.class_ids for s in sets]),
+            np.concatenate([s.polygon_ids for s in sets]),
+        )
+
+    def take(self, idx: np.ndarray) -> PolygonSet:
+        """The polygons at ``idx`` (an index array or boolean mask), in that order."""
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        coords, ring_off, poly_off = _take(self.coords, self.ring_offsets, self.poly_offsets, idx)
+        return PolygonSet(coords, ring_off, poly_off, self.class_ids[idx], self.polygon_ids[idx])
+
+    def rings(self, i: int) -> list[np.ndarray]:
+        """Polygon ``i`` as a list of closed (k, 2) rings, exterior first."""
+        r0, r1 = self.poly_offsets[i], self.poly_offsets[i + 1]
+        return [self.coords[self.ring_offsets[r] : self.ring_offsets[r + 1]] for r in range(r0, r1)]
+
+    def map_coords(self, transform: Affine | None) -> np.ndarray:
+        """``coords`` through ``transform`` (float64 (N, 2)); pixel coordinates when it is None."""
+        xy = self.coords.astype(np.float64)
+        if transform is None:
+            return xy
+        t = transform
+        x, y = xy[:, 0], xy[:, 1]
+        return np.column_stack([t.a * x + t.b * y + t.c, t.d * x + t.e * y + t.f])
+
+    def to_shapely(self, transform: Affine | None = None) -> np.ndarray:
+        """Shapely polygons (object array), in map coordinates through ``transform`` if given."""
+        if not len(self):
+            return np.empty(0, dtype=object)
+        return shapely.from_ragged_array(
+            shapely.GeometryType.POLYGON, self.map_coords(transform), (self.ring_offsets, self.poly_offsets)
+        )
+
+
+def _take(coords, ring_off, poly_off, idx):
+    idx = np.asarray(idx, dtype=np.int64)
+    r0 = poly_off[idx]
+    nr = poly_off[idx + 1] - r0
+    rings = _ranges(r0, nr)
+    c0 = ring_off[rings]
+    nc = ring_off[rings + 1] - c0
+    return coords[_ranges(c0, nc)], _offsets(nc), _offsets(nr)
+
+
+def _polygon_keys(coords: np.ndarray, ring_off: np.ndarray, poly_off: np.ndarray, cols: int) -> np.ndarray:
+    """Linear pixel index of each polygon's top-left pixel (its lowest (row, col) vertex), int64."""
+    if len(poly_off) == 1:
+        return np.zeros(0, dtype=np.int64)
+    k = coords[:, 1].astype(np.int64) * (cols + 1) + coords[:, 0]
+    # Holes lie strictly below the exterior's top row, so the minimum over all rings is the exterior's.
+    m = np.minimum.reduceat(k, ring_off[poly_off[:-1]])
+    return (m // (cols + 1)) * cols + m % (cols + 1)
+
+
+# ------------------------------------------------------------------------------------------ polygonize
+
+
+@dataclass
+class BlockPolygons:
+    """The polygons of one block, in global pixel coordinates, plus what the seam merge needs.
+
+    ``window`` is ``(col_off, row_off, width, height)``. ``sides[p]`` has the bit of each block side (W, E, N,
+    S) polygon ``p``'s exterior lies on; ``seams[side]`` are that side's pixel intervals ``(poly, start, end)``
+    (half-open, along the side, sorted by start). Plain arrays: picklable, no GDAL objects.
+    """
+
+    window: tuple[int, int, int, int]
+    connectivity: int
+    coords: np.ndarray
+    ring_offsets: np.ndarray
+    poly_offsets: np.ndarray
+    class_ids: np.ndarray
+    sides: np.ndarray
+    seams: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.class_ids)
+
+    def polygon_set(self, cols: int) -> PolygonSet:
+        """All polygons of the block as a ``PolygonSet`` (``cols``: the full raster's width, for the ids)."""
+        ids = _polygon_keys(self.coords, self.ring_offsets, self.poly_offsets, cols)
+        return PolygonSet(self.coords, self.ring_offsets, self.poly_offsets, self.class_ids, ids)
+
+
+def _window_tuple(window: Window | Sequence[int]) -> tuple[int, int, int, int]:
+    if isinstance(window, Window):
+        vals = (window.col_off, window.row_off, window.width, window.height)
+    else:
+        vals = tuple(window)
+    out = tuple(int(v) for v in vals)
+    if out != tuple(vals) or len(out) != 4:
+        raise InputError(f"block window must be whole pixels (col_off, row_off, width, height), got {vals}")
+    return out  # type: ignore[return-value]
+
+
+def _shapes_arrays(
+    arr: np.ndarray, valid: np.ndarray | None, connectivity: int, col_off: int = 0, row_off: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``rasterio.features.shapes`` as arrays: coords (N, 2) int32, ring and polygon offsets, class values."""
+    geoms = []
+    values = []
+    for geom, value in features.shapes(
+        arr, mask=valid, connectivity=connectivity, transform=Affine.translation(col_off, row_off)
+    ):
+        geoms.append(geom["coordinates"])
+        values.append(value)
+    if not geoms:
+        z = np.zeros(1, dtype=np.int64)
+        return np.zeros((0, 2), np.int32), z, z.copy(), np.zeros(0, arr.dtype)
+    chain = itertools.chain.from_iterable
+    ring_len = np.fromiter((len(r) for g in geoms for r in g), dtype=np.int64)
+    n_rings = np.fromiter((len(g) for g in geoms), dtype=np.int64, count=len(geoms))
+    flat = np.fromiter(chain(chain(chain(geoms))), dtype=np.float64, count=2 * int(ring_len.sum()))
+    coords = flat.reshape(-1, 2).astype(np.int32)  # pixel corners: exact integers
+    return coords, _offsets(ring_len), _offsets(n_rings), np.asarray(values).astype(arr.dtype)
+
+
+def polygonize_array(
+    mask: np.ndarray, *, nodata: int | None = NODATA, connectivity: int = 4, classes: Iterable[int] | None = None
+) -> PolygonSet:
+    """Whole-array polygonize (the reference ``SeamMerger`` output equals), pixel coordinates, as a PolygonSet."""
+    bp = polygonize_block(mask, (0, 0, mask.shape[1], mask.shape[0]), nodata=nodata, connectivity=connectivity,
+                          classes=classes)
+    return bp.polygon_set(mask.shape[1])
+
+
+def polygonize_block(
+    mask: np.ndarray,
+    window: Window | Sequence[int],
+    *,
+    nodata: int | None = NODATA,
+    connectivity: int = 4,
+    classes: Iterable[int] | None = None,
+) -> BlockPolygons:
+    """Polygonize one block of a uint8 class mask into global pixel coordinates.
+
+    ``window`` places ``mask`` in the full raster. Nodata pixels (and classes not in ``classes``, when given)
+    produce no polygons. The result is plain data for ``SeamMerger.add``.
+    """
+    if connectivity not in (4, 8):
+        raise InputError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    col_off, row_off, width, height = _window_tuple(window)
+    if mask.ndim != 2 or mask.shape != (height, width):
+        raise InputError(f"block mask has shape {mask.shape}, its window is {height} rows x {width} cols")
+    arr = mask
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise InputError(f"class mask values must fit uint8, got {arr.min()}..{arr.max()}")
+        arr = arr.astype(np.uint8)
+    arr = np.ascontiguousarray(arr)
+    valid = None if nodata is None else arr != nodata
+    if classes is not None:
+        keep = np.isin(arr, np.fromiter(classes, dtype=np.int64))
+        valid = keep if valid is None else valid & keep
+    if valid is not None and valid.all():
+        valid = None
+    coords, ring_off, poly_off, values = _shapes_arrays(arr, valid, connectivity, col_off, row_off)
+    sides, seams = _side_intervals(coords, ring_off, poly_off, col_off, row_off, col_off + width, row_off + height)
+    return BlockPolygons(
+        window=(col_off, row_off, width, height),
+        connectivity=connectivity,
+        coords=coords,
+        ring_offsets=ring_off,
+        poly_offsets=poly_off,
+        class_ids=values.astype(np.uint8),
+        sides=sides,
+        seams=seams,
+    )
+
+
+def _side_intervals(coords, ring_off, poly_off, x0, y0, x1, y1):
+    """Per block side, the pixel intervals covered by each polygon's exterior (holes never reach a side)."""
+    n_poly = len(poly_off) - 1
+    sides = np.zeros(n_poly, dtype=np.uint8)
+    empty = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32))
+    if n_poly == 0:
+        return sides, {s: empty for s in (W, E, N, S)}
+    ext = poly_off[:-1]
+    s0 = ring_off[ext]
+    nseg = ring_off[ext + 1] - s0 - 1
+    seg = _ranges(s0, nseg)
+    seg_poly = np.repeat(np.arange(n_poly, dtype=np.int32), nseg)
+    p = coords[seg]
+    q = coords[seg + 1]
+    seams = {}
+    for side, axis, val in ((W, 0, x0), (E, 0, x1), (N, 1, y0), (S, 1, y1)):
+        on = (p[:, axis] == val) & (q[:, axis] == val)
+        other = 1 - axis
+        a = np.minimum(p[on, other], q[on, other])
+        b = np.maximum(p[on, other], q[on, other])
+        order = np.argsort(a, kind="stable")
+        polys = seg_poly[on][order]
+        seams[side] = (polys, a[order].astype(np.int32), b[order].astype(np.int32))
+        sides[polys] |= side
+    return sides, seams
+
+
+# ------------------------------------------------------------------------------------------ seam merge
+
+
+def block_windows(shape: tuple[int, int], block_px: int) -> list[Window]:
+    """Row-major grid of ``block_px`` windows covering a ``(rows, cols)`` raster (edge blocks clipped)."""
+    rows, cols = shape
+    if block_px <= 0:
+        raise InputError(f"block_px must be positive, got {block_px}")
+    return [
+        Window(c, r, min(block_px, cols - c), min(block_px, rows - r))
+        for r in range(0, rows, block_px)
+        for c in range(0, cols, block_px)
+    ]
+
+
+class _Group:
+    __slots__ = ("pending", "members", "key")
+
+    def __init__(self, member: int, key: int):
+        self.pending = 0
+        self.members = [member]
+        self.key = key
+
+
+class SeamMerger:
+    """Streaming cross-block merge: blocks in any order in, finished polygons out.
+
+    ``shape`` is the raster's ``(rows, cols)``; the block layout is a regular grid given by ``block_px`` or by
+    the list of block ``windows`` (any grid of column and row edges). ``add`` returns the polygons that can no
+    longer touch an unseen block; ``finish`` returns the rest (normally nothing; if blocks never arrived, the
+    groups as far as they got). Together they equal ``polygonize_array`` of the whole mask.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        *,
+        block_px: int | None = None,
+        windows: Sequence[Window] | None = None,
+        connectivity: int = 4,
+    ):
+        rows, cols = int(shape[0]), int(shape[1])
+        if connectivity not in (4, 8):
+            raise InputError(f"connectivity must be 4 or 8, got {connectivity!r}")
+        if (block_px is None) == (windows is None):
+            raise InputError("SeamMerger needs exactly one of block_px or windows")
+        if rows >= 1 << _COORD_BITS or cols >= 1 << _COORD_BITS:
+            raise InputError(f"raster of {rows} x {cols} pixels is too large to vectorize (max {1 << _COORD_BITS})")
+        if windows is None:
+            wins = block_windows((rows, cols), int(block_px))
+        else:
+            wins = [Window(*_window_tuple(w)) for w in windows]
+        col_edges = sorted({int(w.col_off) for w in wins} | {cols})
+        row_edges = sorted({int(w.row_off) for w in wins} | {rows})
+        if col_edges[0] != 0 or row_edges[0] != 0:
+            raise InputError("block windows must cover the raster from (0, 0)")
+        self.shape = (rows, cols)
+        self.connectivity = connectivity
+        self._col_edges = np.asarray(col_edges)
+        self._row_edges = np.asarray(row_edges)
+        self._ncb = len(col_edges) - 1
+        self._nrb = len(row_edges) - 1
+        self._col_index = {c: i for i, c in enumerate(col_edges[:-1])}
+        self._row_index = {r: i for i, r in enumerate(row_edges[:-1])}
+        self._vseams = np.asarray(col_edges[1:-1], dtype=np.int64)
+        self._hseams = np.asarray(row_edges[1:-1], dtype=np.int64)
+        self._seen: set[int] = set()
+        self._seen_per_row = np.zeros(self._nrb, dtype=np.int64)
+        # Open seams: (block, side) -> (gids, start, end, class) of the side's intervals; (block, corner) -> gid.
+        self._open_sides: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._open_corners: dict[tuple[int, tuple[int, int]], tuple[int, int] | None] = {}
+        self._parent: dict[int, int] = {}
+        self._groups: dict[int, _Group] = {}
+        self._polys: dict[int, tuple[int, list[np.ndarray]]] = {}
+
+    # -- union-find
+    def _find(self, g: int) -> int:
+        parent = self._parent
+        root = g
+        while parent[root] != root:
+            root = parent[root]
+        while parent[g] != root:  # path compression
+            parent[g], g = root, parent[g]
+        return root
+
+    def _union(self, a: int, b: int) -> int:
+        ra, rb = self._find(a), self._find(b)
+        if ra == rb:
+            return ra
+        ga, gb = self._groups[ra], self._groups[rb]
+        if len(ga.members) < len(gb.members):
+            ra, rb, ga, gb = rb, ra, gb, ga
+        self._parent[rb] = ra
+        ga.members.extend(gb.members)
+        ga.pending += gb.pending
+        ga.key = min(ga.key, gb.key)
+        del self._groups[rb]
+        return ra
+
+    # -- state for callers that batch finished polygons by position (simplification bands)
+    def open_group_rows(self) -> np.ndarray:
+        """Row of the first pixel of every open group (their ``polygon_id`` can only get smaller)."""
+        cols = self.shape[1]
+        return np.fromiter((g.key // cols for g in self._groups.values()), dtype=np.int64, count=len(self._groups))
+
+    def rows_complete_until(self) -> int:
+        """All blocks of raster rows ``< this`` have been added."""
+        full = self._seen_per_row == self._ncb
+        k = int(np.argmin(full)) if not full.all() else self._nrb
+        return int(self._row_edges[k])
+
+    @property
+    def open_polygons(self) -> int:
+        """Polygons held because they touch a seam of an unseen block."""
+        return len(self._polys)
+
+    def _block_index(self, window: tuple[int, int, int, int]) -> tuple[int, int]:
+        col_off, row_off, width, height = window
+        try:
+            bi, bj = self._row_index[row_off], self._col_index[col_off]
+        except KeyError:
+            raise InputError(f"block window {window} is not on the merger's block grid") from None
+        if (self._col_edges[bj + 1] - col_off, self._row_edges[bi + 1] - row_off) != (width, height):
+            raise InputError(f"block window {window} is not on the merger's block grid")
+        return bi, bj
+
+    def add(self, block: BlockPolygons) -> PolygonSet:
+        """Merge one block; return the polygons (of any blocks) that are now final."""
+        if block.connectivity != self.connectivity:
+            raise InputError(f"block polygonized with connectivity {block.connectivity}, merger uses {self.connectivity}")
+        bi, bj = self._block_index(block.window)
+        b = bi * self._ncb + bj
+        if b in self._seen:
+            raise InputError(f"block {block.window} was added twice")
+        self._seen.add(b)
+        self._seen_per_row[bi] += 1
+        col_off, row_off, width, height = block.window
+        cols = self.shape[1]
+
+        def neighbour(di: int, dj: int) -> int | None:
+            i, j = bi + di, bj + dj
+            return i * self._ncb + j if 0 <= i < self._nrb and 0 <= j < self._ncb else None
+
+        n_poly = len(block)
+        touch = np.zeros(n_poly, dtype=bool)
+        for side, (di, dj) in _SIDE_STEP.items():
+            if neighbour(di, dj) is not None:
+                touch |= (block.sides & side) != 0
+        corner_poly: dict[tuple[int, int], int | None] = {}
+        if self.connectivity == 8:
+            for di, dj in _CORNERS:
+                if neighbour(di, dj) is None:
+                    continue
+                p = self._corner_polygon(block, di, dj)
+                corner_poly[(di, dj)] = p
+                if p is not None:
+                    touch[p] = True
+
+        keys = _polygon_keys(block.coords, block.ring_offsets, block.poly_offsets, cols)
+        finals = []
+        idle = np.flatnonzero(~touch)
+        if len(idle):
+            coords, ring_off, poly_off = _take(block.coords, block.ring_offsets, block.poly_offsets, idle)
+            finals.append(PolygonSet(coords, ring_off, poly_off, block.class_ids[idle], keys[idle]))
+
+        base = b << 32
+        touching = np.flatnonzero(touch)
+        for p in touching.tolist():
+            g = base | p
+            r0, r1 = block.poly_offsets[p], block.poly_offsets[p + 1]
+            rings = [block.coords[block.ring_offsets[r] : block.ring_offsets[r + 1]].copy() for r in range(r0, r1)]
+            self._polys[g] = (int(block.class_ids[p]), rings)
+            self._parent[g] = g
+            self._groups[g] = _Group(g, int(keys[p]))
+        candidates = set(base | p for p in touching.tolist())
+
+        # Seams with each side's neighbour: join with a seen one, or leave open for an unseen one.
+        for side, (di, dj) in _SIDE_STEP.items():
+            nb = neighbour(di, dj)
+            if nb is None:
+                continue
+            polys, start, end = block.seams[side]
+            gids = base | polys.astype(np.int64)
+            if nb in self._seen:
+                o_gids, o_start, o_end, o_cls = self._open_sides.pop((nb, _OPPOSITE[side]))
+                ia, ib = _match_intervals(start, end, o_start, o_end, self.connectivity)
+                same = block.class_ids[polys[ia]] == o_cls[ib]
+                for ga, gb in zip(gids[ia[same]].tolist(), o_gids[ib[same]].tolist()):
+                    self._union(ga, gb)
+                for g in np.unique(o_gids).tolist():
+                    self._groups[self._find(g)].pending -= 1
+                    candidates.add(g)
+            else:
+                self._open_sides[(b, side)] = (gids, start, end, block.class_ids[polys])
+                for g in np.unique(gids).tolist():
+                    self._groups[self._find(g)].pending += 1
+        for (di, dj), p in corner_poly.items():
+            nb = neighbour(di, dj)
+            mine = None if p is None else (base | p, int(block.class_ids[p]))
+            if nb in self._seen:
+                other = self._open_corners.pop((nb, (-di, -dj)))
+                if other is not None:
+                    if mine is not None and mine[1] == other[1]:
+                        self._union(mine[0], other[0])
+                    self._groups[self._find(other[0])].pending -= 1
+                    candidates.add(other[0])
+            else:
+                self._open_corners[(b, (di, dj))] = mine
+                if mine is not None:
+                    self._groups[self._find(mine[0])].pending += 1
+
+        done = {r for r in (self._find(g) for g in candidates) if self._groups[r].pending == 0}
+        finals.extend(self._emit(sorted(done)))
+        return PolygonSet.concat(finals)
+
+    def _corner_polygon(self, block: BlockPolygons, di: int, dj: int) -> int | None:
+        """Local index of the polygon owning the block's corner pixel towards (di, dj), if any."""
+        col_off, row_off, width, height = block.window
+        polys, start, end = block.seams[W if dj < 0 else E]
+        if len(start) == 0:
+            return None
+        if di < 0:
+            return int(polys[0]) if start[0] == row_off else None
+        return int(polys[-1]) if end[-1] == row_off + height else None
+
+    def finish(self) -> PolygonSet:
+        """Emit every group still open (all of them final once every block was added)."""
+        self._open_sides.clear()
+        self._open_corners.clear()
+        out = self._emit(sorted(self._groups))
+        return PolygonSet.concat(out)
+
+    def _emit(self, roots: Iterable[int]) -> list[PolygonSet]:
+        rings_out: list[list[np.ndarray]] = []
+        cls_out: list[int] = []
+        key_out: list[int] = []
+        for r in roots:
+            group = self._groups.pop(r)
+            members = group.members
+            cls = self._polys[members[0]][0]
+            if len(members) == 1:
+                rings = self._polys[members[0]][1]
+            else:
+                rings = _merge_rings(
+                    [ring for m in members for ring in self._polys[m][1]],
+                    self.connectivity,
+                    self._vseams,
+                    self._hseams,
+                )
+            for m in members:
+                del self._polys[m]
+                del self._parent[m]
+            rings_out.append(rings)
+            cls_out.append(cls)
+            key_out.append(group.key)
+        if not rings_out:
+            return []
+        flat = [r for rings in rings_out for r in rings]
+        coords = np.concatenate(flat).astype(np.int32)
+        return [
+            PolygonSet(
+                coords,
+                _offsets([len(r) for r in flat]),
+                _offsets([len(rings) for rings in rings_out]),
+                np.asarray(cls_out, dtype=np.uint8),
+                np.asarray(key_out, dtype=np.int64),
+            )
+        ]
+
+
+def _match_intervals(a0, a1, b0, b1, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs of intervals (sorted, disjoint per side) that touch across a seam.
+
+    4-connectivity: they share at least one pixel row (overlap). 8: also diagonal neighbours (end == start).
+    """
+    if len(a0) == 0 or len(b0) == 0:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z
+    if connectivity == 4:
+        lo = np.searchsorted(b1, a0, side="right")
+        hi = np.searchsorted(b0, a1, side="left")
+    else:
+        lo = np.searchsorted(b1, a0, side="left")
+        hi = np.searchsorted(b0, a1, side="right")
+    cnt = np.maximum(hi - lo, 0)
+    return np.repeat(np.arange(len(a0), dtype=np.int64), cnt), _ranges(lo, cnt)
+
+
+def _key(p: np.ndarray) -> int:
+    return (int(p[1]) << _COORD_BITS) | int(p[0])
+
+
+def _merge_rings(
+    rings: list[np.ndarray], connectivity: int, vseams: np.ndarray, hseams: np.ndarray
+) -> list[np.ndarray]:
+    """Rings (closed, GDAL orientation) of one connected group's block polygons -> the merged polygon's rings.
+
+    Cut at every vertex on a seam line or shared by several rings, cancel the seam unit edges present in both
+    directions, re-chain the pieces with GDAL's pinch rule (turn right), drop collinear vertices, start each ring at its lowest (row, col) vertex.
+    Returns the exterior first, then the holes by start vertex.
+    """
+    pieces: list[np.ndarray] = []
+    whole: list[np.ndarray] = []
+    seam_segs: list[np.ndarray] = []
+    # Vertices several rings pass through are pinches whose pairing the blocks may have decided differently
+    # (with 4-connectivity, diagonal pixels that only the merge connects): cut and re-pair them too.
+    keys = [(r[:-1, 1].astype(np.int64) << _COORD_BITS) | r[:-1, 0] for r in rings]
+    uniq, counts = np.unique(np.concatenate(keys), return_counts=True)
+    shared = uniq[counts > 1]
+    for ring, key in zip(rings, keys):
+        v = ring[:-1].astype(np.int64)
+        onv = np.isin(v[:, 0], vseams)
+        onh = np.isin(v[:, 1], hseams)
+        cut = np.flatnonzero(onv | onh | np.isin(key, shared))
+        if len(cut) == 0:
+            whole.append(ring)
+            continue
+        n = len(v)
+        closed = np.concatenate([v, v[:1]])
+        bounds = np.append(cut, cut[0] + n)
+        for k in range(len(cut)):
+            a, b = int(bounds[k]), int(bounds[k + 1])
+            if b <= n:
+                piece = closed[a : b + 1]
+            else:  # wraps past the ring's start
+                piece = np.concatenate([closed[a:n], closed[: b - n + 1]])
+            if b - a == 1:
+                p, q = piece
+                if (p[0] == q[0] and onv[a]) or (p[1] == q[1] and onh[a]):
+                    seam_segs.append(piece)
+                    continue
+            pieces.append(piece)
+
+    if seam_segs:
+        pieces.extend(_surviving_seam_runs(np.stack(seam_segs)))
+
+    out: list[np.ndarray] = []
+    if pieces:
+        out.extend(_chain(pieces, connectivity))
+    out.extend(w.astype(np.int64) for w in whole)
+    exteriors = [r for r in out if _area2(r) < 0]
+    holes = [r for r in out if _area2(r) > 0]
+    if len(exteriors) != 1 or len(exteriors) + len(holes) != len(out):
+        raise RuntimeError(f"seam merge produced {len(exteriors)} exterior rings (expected 1); this is a bug")
+    holes.sort(key=lambda r: _key(r[0]))
+    return [r.astype(np.int32) for r in exteriors + holes]
+
+
+def _surviving_seam_runs(segs: np.ndarray) -> list[np.ndarray]:
+    """Split seam segments (m, 2, 2) into unit edges, drop those present in both directions, rejoin runs."""
+    p, q = segs[:, 0], segs[:, 1]
+    step = np.sign(q - p)
+    length = np.abs(q - p).sum(axis=1)
+    seg_id = np.repeat(np.arange(len(segs)), length)
+    t = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
+    st = step[seg_id]
+    a = p[seg_id] + st * t[:, None]
+    b = a + st
+    lo = np.minimum(a, b)
+    vertical = (st[:, 0] == 0).astype(np.int64)
+    undirected = (((lo[:, 1] << _COORD_BITS) | lo[:, 0]) << 1) | vertical
+    _, inv, counts = np.unique(undirected, return_inverse=True, return_counts=True)
+    alive = counts[inv.ravel()] == 1
+    first = t == 0
+    last = t == length[seg_id] - 1
+    prev_alive = np.concatenate([[False], alive[:-1]])
+    next_alive = np.concatenate([alive[1:], [False]])
+    run_start = alive & (first | ~prev_alive)
+    run_end = alive & (last | ~next_alive)
+    return [np.stack([s, e]) for s, e in zip(a[run_start], b[run_end])]
+
+
+def _chain(pieces: list[np.ndarray], connectivity: int) -> list[np.ndarray]:
+    """Link open pieces end to start into closed rings (returned open-ended: first vertex not repeated)."""
+    starts: dict[int, list[int]] = {}
+    for i, pc in enumerate(pieces):
+        starts.setdefault(_key(pc[0]), []).append(i)
+    want = 1  # cross > 0: right turn on screen (y down), as GDAL does
+    n = len(pieces)
+    succ = [0] * n
+    for i, pc in enumerate(pieces):
+        cands = starts[_key(pc[-1])]
+        if len(cands) == 1:
+            succ[i] = cands[0]
+            continue
+        dx, dy = np.sign(pc[-1] - pc[-2])
+        best = cands[0]
+        for j in cands:
+            ex, ey = np.sign(pieces[j][1] - pieces[j][0])
+            if (dx * ey - dy * ex) * want > 0:
+                best = j
+                break
+        succ[i] = best
+    seen = bytearray(n)
+    rings = []
+    for i in range(n):
+        if seen[i]:
+            continue
+        parts = []
+        j = i
+        while not seen[j]:
+            seen[j] = 1
+            parts.append(pieces[j][:-1])
+            j = succ[j]
+        if j != i:
+            raise RuntimeError("seam merge could not close a ring; this is a bug")
+        rings.append(_clean_ring(np.concatenate(parts)))
+    return rings
+
+
+def _clean_ring(v: np.ndarray) -> np.ndarray:
+    """Drop collinear vertices, rotate to start at the lowest (row, col) vertex, close."""
+    d_in = np.sign(v - np.roll(v, 1, axis=0))
+    d_out = np.sign(np.roll(v, -1, axis=0) - v)
+    v = v[(d_in != d_out).any(axis=1)]
+    k = int(np.argmin((v[:, 1] << _COORD_BITS) | v[:, 0]))
+    v = np.roll(v, -k, axis=0)
+    return np.concatenate([v, v[:1]])
+
+
+def _area2(ring: np.ndarray) -> int:
+    """Twice the signed shoelace area of a ring (open or closed); negative for GDAL exteriors."""
+    x = ring[:, 0].astype(np.int64)
+    y = ring[:, 1].astype(np.int64)
+    return int(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+# ------------------------------------------------------------------------------------------------ sieve
+
+
+def sieve_context_px(size_px: int) -> int:
+    """Context (pixels on every side) a block needs so that ``sieve_block`` equals ``sieve_array``.
+
+    A small region (< ``size_px`` pixels) lies within ``size_px - 1`` of any of its pixels, and so does a small
+    neighbour region of it: ``2 * size_px`` of context contains both, with a margin.
+    """
+    return 2 * int(size_px) if size_px > 1 else 0
+
+
+def sieve_size_px(sieve_px: int, min_area_m2: float, transform: Affine, crs: Any, shape: tuple[int, int]) -> int:
+    """The sieve threshold in pixels: ``sieve_px`` or ``min_area_m2`` in pixels, whichever is larger.
+
+    In a geographic CRS the pixel area is taken at the raster's centre row.
+    """
+    size = int(sieve_px)
+    if min_area_m2 > 0:
+        px_area = _pixel_area_m2(transform, crs, shape)
+        size = max(size, int(math.ceil(min_area_m2 / px_area - 1e-9)))
+    return size
+
+
+def read_with_context(ds: rasterio.DatasetReader, window: Window | Sequence[int], context_px: int,
+                      nodata: int = NODATA, band: int = 1) -> np.ndarray:
+    """``window`` grown by ``context_px`` on every side; outside the raster filled with ``nodata``."""
+    col_off, row_off, width, height = _window_tuple(window)
+    c0, r0 = col_off - context_px, row_off - context_px
+    c1, r1 = col_off + width + context_px, row_off + height + context_px
+    cc0, rr0, cc1, rr1 = max(c0, 0), max(r0, 0), min(c1, ds.width), min(r1, ds.height)
+    data = ds.read(band, window=Window(cc0, rr0, cc1 - cc0, rr1 - rr0))
+    if (cc0, rr0, cc1, rr1) == (c0, r0, c1, r1):
+        return data
+    return np.pad(data, ((rr0 - r0, r1 - rr1), (cc0 - c0, c1 - cc1)), constant_values=nodata)
+
+
+def sieve_array(mask: np.ndarray, size_px: int, connectivity: int = 4, *, nodata: int = NODATA) -> np.ndarray:
+    """Whole-mask minimum mapping unit: the reference ``sieve_block`` equals.
+
+    Rule (local, so that it can be computed block by block): a region (a connected set of one class, by
+    ``connectivity``) of fewer than ``size_px`` pixels takes the class it shares the most pixel contacts with
+    among the pixels of neighbouring regions of at least ``size_px`` pixels (contacts are edge neighbours, and
+    also diagonal ones for 8-connectivity; ties go to the lowest class id). A small region with no large
+    neighbour (only nodata or other small regions around it) is kept. Nodata is never filled and never fills.
+    This differs from ``rasterio.features.sieve``, whose choice depends on the sizes of whole neighbouring
+    regions and on the order of merges, which no bounded block context can reproduce.
+    """
+    if size_px <= 1:
+        return mask.copy()
+    padded = np.pad(mask, 1, constant_values=nodata)
+    return _sieve_core(padded, int(size_px), connectivity, nodata)[1:-1, 1:-1]
+
+
+def sieve_block(
+    mask_with_context: np.ndarray, context_px: int, size_px: int, connectivity: int = 4, *, nodata: int = NODATA
+) -> np.ndarray:
+    """Sieve one block read with ``context_px`` of mask on every side; returns the block's interior.
+
+    Read it with ``read_with_context`` (outside the raster padded with nodata). With ``context_px >=
+    sieve_context_px(size_px)`` the interior equals the same window of ``sieve_array`` of the whole mask.
+    """
+    if size_px <= 1:
+        out = mask_with_context
+    else:
+        if context_px < sieve_context_px(size_px):
+            raise InputError(f"sieve of {size_px} px needs {sieve_context_px(size_px)} px of context, got {context_px}")
+        out = _sieve_core(np.ascontiguousarray(mask_with_context), int(size_px), connectivity, nodata)
+    c = int(context_px)
+    h, w = out.shape
+    return out[c : h - c, c : w - c].copy()
+
+
+def _sieve_core(arr: np.ndarray, size_px: int, connectivity: int, nodata: int) -> np.ndarray:
+    """Sieve ``arr``; regions touching the array's edge count as large (the context's edge cuts them)."""
+    arr = np.ascontiguousarray(arr.astype(np.uint8, copy=False))
+    h, w = arr.shape
+    valid = arr != nodata
+    coords, ring_off, poly_off, values = _shapes_arrays(arr, valid, connectivity)
+    if len(values) == 0:
+        return arr.copy()
+    n_poly = len(values)
+    # Pixel count of each region: the shoelace area of its rings (exterior negative, holes positive).
+    nseg = np.diff(ring_off) - 1
+    seg = _ranges(ring_off[:-1], nseg)
+    x0, y0 = coords[seg, 0].astype(np.int64), coords[seg, 1].astype(np.int64)
+    x1, y1 = coords[seg + 1, 0].astype(np.int64), coords[seg + 1, 1].astype(np.int64)
+    ring_of_seg = np.repeat(np.arange(len(nseg)), nseg)
+    poly_of_ring = np.repeat(np.arange(n_poly), np.diff(poly_off))
+    area2 = np.bincount(poly_of_ring[ring_of_seg], weights=(x0 * y1 - x1 * y0), minlength=n_poly)
+    size = np.rint(-area2 / 2).astype(np.int64)
+    ext = ring_off[poly_off[:-1]]
+    ext_pts = _ranges(ext, ring_off[poly_off[:-1] + 1] - ext)
+    pt_poly = np.repeat(np.arange(n_poly), ring_off[poly_off[:-1] + 1] - ext)
+    cx, cy = coords[ext_pts, 0], coords[ext_pts, 1]
+    on_edge = np.zeros(n_poly, dtype=bool)
+    on_edge[pt_poly[(cx == 0) | (cx == w) | (cy == 0) | (cy == h)]] = True
+    small = np.flatnonzero((size < size_px) & ~on_edge)
+    if len(small) == 0:
+        return arr.copy()
+    # Label the small regions by burning their polygons (pixel-centre rule reproduces the pixels exactly).
+    sub = PolygonSet(coords, ring_off, poly_off, values, np.zeros(n_poly, np.int64)).take(small)
+    geoms = sub.to_shapely()
+    labels = features.rasterize(
+        zip(geoms, range(1, len(small) + 1)), out_shape=(h, w), fill=0, dtype="int32",
+        transform=Affine.identity(),
+    )
+    big = valid & (labels == 0)
+    offsets = [(0, 1), (1, 0)] + ([(1, 1), (1, -1)] if connectivity == 8 else [])
+    lab_parts, cls_parts = [], []
+    for dy, dx in offsets:
+        sa = (slice(0, h - dy), slice(max(0, -dx), w - max(0, dx)))
+        sb = (slice(dy, h), slice(max(0, dx), w - max(0, -dx)))
+        for s_small, s_big in ((sa, sb), (sb, sa)):
+            la = labels[s_small]
+            hit = (la > 0) & big[s_big]
+            lab_parts.append(la[hit])
+            cls_parts.append(arr[s_big][hit])
+    lab = np.concatenate(lab_parts).astype(np.int64)
+    cls = np.concatenate(cls_parts).astype(np.int64)
+    out = arr.copy()
+    if len(lab) == 0:
+        return out
+    pair, counts = np.unique(lab * 256 + cls, return_counts=True)
+    plab, pcls = pair // 256, pair % 256
+    order = np.lexsort((pcls, -counts, plab))  # per label: most contacts first, then the lowest class
+    plab, pcls = plab[order], pcls[order]
+    first = np.concatenate([[True], plab[1:] != plab[:-1]])
+    lut = np.full(len(small) + 1, -1, dtype=np.int64)
+    lut[plab[first]] = pcls[first]
+    new = lut[labels]
+    sel = new >= 0
+    out[sel] = new[sel].astype(np.uint8)
+    return out
+
+
+# ------------------------------------------------------------------------------------- classes, units
+
+
+def resolve_classes(
+    include: Sequence[int | str] | None, exclude: Sequence[int | str] | None, class_names: Sequence[str]
+) -> set[int] | None:
+    """Class ids kept by include/exclude lists of ids or names; None when every class is kept."""
+    names = {n: i for i, n in enumerate(class_names) if n}
+
+    def ids(items: Sequence[int | str], key: str) -> set[int]:
+        out = set()
+        for it in items:
+            if isinstance(it, bool):
+                raise InputError(f"vector.{key}: {it!r} is not a class id or name")
+            if isinstance(it, int) or (isinstance(it, str) and it.strip().isdigit()):
+                cid = int(it)
+                if not 0 <= cid <= 254:
+                    raise InputError(f"vector.{key}: class id {cid} is outside 0..254")
+                out.add(cid)
+            elif it in names:
+                out.add(names[it])
+            else:
+                valid = ", ".join(n for n in class_names if n) or "(none)"
+                raise InputError(f"vector.{key}: unknown class {it!r} (valid names: {valid})")
+        return out
+
+    if include is None and not exclude:
+        return None
+    keep = ids(include, "include_classes") if include is not None else set(range(255))
+    return keep - ids(exclude or [], "exclude_classes")
+
+
+def class_name(cid: int, class_names: Sequence[str]) -> str:
+    return class_names[cid] if cid < len(class_names) and class_names[cid] else f"class_{cid}"
+
+
+def _pyproj_crs(crs: Any):
+    import pyproj
+
+    if crs is None:
+        return None
+    if isinstance(crs, pyproj.CRS):
+        return crs
+    return pyproj.CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
+
+
+def _metres_per_unit(pcrs) -> float:
+    """Linear unit of a projected CRS in metres (1 when unknown)."""
+    if pcrs is None:
+        return 1.0
+    for axis in pcrs.axis_info:
+        if axis.unit_conversion_factor:
+            return float(axis.unit_conversion_factor)
+    return 1.0
+
+
+def _ellipsoid_q(lat_deg: np.ndarray, e: float) -> np.ndarray:
+    """Authalic ``q(phi)``: the area between the equator and ``phi`` per radian of longitude is b^2 q / 2."""
+    s = np.sin(np.radians(lat_deg))
+    if e == 0:
+        return 2 * s
+    return s / (1 - e * e * s * s) + np.log((1 + e * s) / (1 - e * s)) / (2 * e)
+
+
+def _geo_ellipsoid(pcrs) -> tuple[float, float]:
+    ell = pcrs.ellipsoid
+    a = float(ell.semi_major_metre)
+    inv_f = float(ell.inverse_flattening or 0.0)
+    f = 1 / inv_f if inv_f else 0.0
+    return a, f
+
+
+def _pixel_area_m2(transform: Affine, crs: Any, shape: tuple[int, int]) -> float:
+    pcrs = _pyproj_crs(crs)
+    if pcrs is not None and pcrs.is_geographic:
+        a, f = _geo_ellipsoid(pcrs)
+        b, e = a * (1 - f), math.sqrt(f * (2 - f))
+        row = shape[0] // 2
+        lats = np.array([transform.f + transform.e * row, transform.f + transform.e * (row + 1)])
+        q = _ellipsoid_q(lats, e)
+        return abs(0.5 * b * b * (q[1] - q[0]) * math.radians(abs(transform.a)))
+    k = _metres_per_unit(pcrs)
+    return abs(transform.a * transform.e - transform.b * transform.d) * k * k
+
+
+def simplify_tolerance(tolerance_m: float, crs: Any) -> float:
+    """A tolerance in metres in the CRS's units (geographic: degrees of latitude, 111 320 m each)."""
+    pcrs = _pyproj_crs(crs)
+    if pcrs is not None and pcrs.is_geographic:
+        return tolerance_m / 111_320.0
+    return tolerance_m / _metres_per_unit(pcrs)
+
+
+# ---------------------------------------------------------------------------------- map coordinates
+
+
+def to_map_coords(polys: PolygonSet, transform: Affine) -> np.ndarray:
+    """Shapely polygons in the raster's CRS (``transform`` maps pixel corners to map coordinates)."""
+    return polys.to_shapely(transform)
+
+
+def polygon_table(
+    polys: PolygonSet,
+    geoms: np.ndarray,
+    *,
+    transform: Affine,
+    crs: Any,
+    class_names: Sequence[str] = (),
+    scene: str | None = None,
+    model: str | None = None,
+    model_version: str | None = None,
+    pixel_exact: bool = True,
+) -> dict[str, np.ndarray]:
+    """Attribute columns for ``polys`` whose map geometries are ``geoms``.
+
+    ``area_m2`` / ``perimeter_m``: in a projected CRS planar, converted from the CRS's linear unit; in a
+    geographic CRS on the CRS's ellipsoid: the perimeter is the sum of geodesic edge lengths
+    (``pyproj.Geod``), the area is the exact ellipsoidal area of the polygon's cells when ``pixel_exact`` (the
+    polygons follow the pixel grid and the grid is north-up), else ``Geod.geometry_area_perimeter``.
+    ``pixel_exact`` must be False once geometries were simplified.
+    """
+    n = len(polys)
+    pcrs = _pyproj_crs(crs)
+    north_up = transform.b == 0 and transform.d == 0
+    if pcrs is not None and pcrs.is_geographic:
+        geod = pcrs.get_geod()
+        if pixel_exact and north_up:
+            area = _cell_area_geographic(polys, transform, pcrs)
+            perim = _geodesic_perimeters(polys, transform, geod)
+        else:
+            area = np.empty(n)
+            perim = np.empty(n)
+            for i, g in enumerate(geoms):
+                a, p = geod.geometry_area_perimeter(g)
+                area[i], perim[i] = abs(a), p
+    else:
+        k = _metres_per_unit(pcrs)
+        if pixel_exact:
+            det = abs(transform.a * transform.e - transform.b * transform.d)
+            area = _pixel_areas(polys) * det * k * k
+        else:
+            area = shapely.area(geoms) * k * k
+        perim = shapely.length(geoms) * k
+    names = np.array([class_name(int(c), class_names) for c in range(256)], dtype=object)
+    cols: dict[str, np.ndarray] = {
+        "polygon_id": polys.polygon_ids.astype(np.int64),
+        "class_id": polys.class_ids.astype(np.uint8),
+        "class_name": names[polys.class_ids.astype(np.int64)],
+        "area_m2": np.asarray(area, dtype=np.float64),
+        "perimeter_m": np.asarray(perim, dtype=np.float64),
+        "scene": np.full(n, scene, dtype=object),
+        "model": np.full(n, model, dtype=object),
+        "model_version": np.full(n, model_version, dtype=object),
+    }
+    return cols
+
+
+def _segments(polys: PolygonSet) -> tuple[np.ndarray, np.ndarray]:
+    """Start index of every ring segment (into coords) and the polygon it belongs to."""
+    nseg = np.diff(polys.ring_offsets) - 1
+    seg = _ranges(polys.ring_offsets[:-1], nseg)
+    ring_poly = np.repeat(np.arange(len(polys)), np.diff(polys.poly_offsets))
+    return seg, np.repeat(ring_poly, nseg)
+
+
+def _pixel_areas(polys: PolygonSet) -> np.ndarray:
+    """Exact pixel counts (shoelace in integer pixel coordinates)."""
+    seg, seg_poly = _segments(polys)
+    c = polys.coords.astype(np.int64)
+    cross = c[seg, 0] * c[seg + 1, 1] - c[seg + 1, 0] * c[seg, 1]
+    return np.abs(np.bincount(seg_poly, weights=cross, minlength=len(polys))) / 2
+
+
+def _cell_area_geographic(polys: PolygonSet, transform: Affine, pcrs) -> np.ndarray:
+    """Ellipsoidal area of pixel-aligned polygons on a north-up geographic grid, summed per horizontal edge.
+
+    With ``F(y)`` the area from the equator to row line ``y`` per pixel column, a polygon's area is
+    ``|sum over horizontal edges of dx * F(y)|`` (Green's theorem on the cell grid): exact for cells bounded by
+    parallels and meridians, vectorized over all polygons.
+    """
+    a, f = _geo_ellipsoid(pcrs)
+    b, e = a * (1 - f), math.sqrt(f * (2 - f))
+    seg, seg_poly = _segments(polys)
+    c = polys.coords
+    y0 = c[seg, 1]
+    horiz = y0 == c[seg + 1, 1]
+    dx = (c[seg + 1, 0] - c[seg, 0]).astype(np.float64)
+    lat = transform.f + transform.e * y0[horiz].astype(np.float64)
+    fy = 0.5 * b * b * _ellipsoid_q(lat, e) * math.radians(abs(transform.a))
+    return np.abs(np.bincount(seg_poly[horiz], weights=dx[horiz] * fy, minlength=len(polys)))
+
+
+def _geodesic_perimeters(polys: PolygonSet, transform: Affine, geod) -> np.ndarray:
+    seg, seg_poly = _segments(polys)
+    xy = polys.map_coords(transform)
+    lengths = geod.line_lengths(xy[:, 0], xy[:, 1]) if len(xy) > 1 else np.zeros(0)
+    lengths = np.asarray(lengths, dtype=np.float64)
+    return np.bincount(seg_poly, weights=lengths[seg], minlength=len(polys))
+
+
+# ---------------------------------------------------------------------------------------- simplify
+
+
+def simplify_coverage(geoms: np.ndarray, tolerance: float) -> np.ndarray:
+    """``shapely.coverage_simplify`` of a set of polygons that tile without overlap (shared edges stay shared).
+
+    ``tolerance`` is in the geometries' units. Edges that only one polygon of ``geoms`` has (the set's outer
+    boundary: raster edge, nodata, polygons simplified in another batch) are kept exactly, so batches fit
+    together. 8-connected polygons pinch at single vertices (OGC-invalid); they are made valid first.
+    """
+    if tolerance <= 0 or len(geoms) == 0:
+        return geoms
+    valid = shapely.is_valid(geoms)
+    if not valid.all():
+        geoms = geoms.copy()
+        geoms[~valid] = shapely.make_valid(geoms[~valid], method="structure", keep_collapsed=False)
+    return shapely.coverage_simplify(geoms, tolerance, simplify_boundary=False)
+
+
+class _SimplifyBands:
+    """Holds finished polygons until their row band is complete, so coverage simplification sees neighbours.
+
+    A polygon belongs to the band of its first pixel's row. A band is complete when every block intersecting
+    it was added and no open merge group starts in it. Bands are fixed rows of the raster (not blocks), so the
+    result does not depend on the block size or order; edges between polygons of different bands stay exact.
+    """
+
+    def __init__(self, rows: int, cols: int, band_px: int):
+        self.rows, self.cols = rows, cols
+        self.band_px = max(int(band_px), 1)
+        self.n = max(1, -(-rows // self.band_px))
+        self.held: dict[int, list[PolygonSet]] = collections.defaultdict(list)
+        self.done = np.zeros(self.n, dtype=bool)
+
+    def add(self, polys: PolygonSet) -> None:
+        if not len(polys):
+            return
+        band = (polys.polygon_ids // self.cols) // self.band_px
+        for k in np.unique(band).tolist():
+            sub = polys.take(band == k)
+            if self.done[k]:  # cannot happen with a consistent merger; simplify it on its own
+                self.held[-1 - k].append(sub)
+            else:
+                self.held[k].append(sub)
+
+    def ready(self, merger: SeamMerger | None) -> list[PolygonSet]:
+        if merger is None:
+            return []
+        complete_rows = merger.rows_complete_until()
+        open_rows = merger.open_group_rows()
+        out = []
+        for k in range(self.n):
+            if self.done[k]:
+                continue
+            lo, hi = k * self.band_px, min((k + 1) * self.band_px, self.rows)
+            if complete_rows < hi or ((open_rows >= lo) & (open_rows < hi)).any():
+                continue
+            self.done[k] = True
+            out.append(PolygonSet.concat(self.held.pop(k, [])))
+        for k in [k for k in self.held if k < 0]:
+            out.append(PolygonSet.concat(self.held.pop(k)))
+        return [p for p in out if len(p)]
+
+    def flush(self) -> list[PolygonSet]:
+        out = [PolygonSet.concat(v) for k, v in sorted(self.held.items())]
+        self.held.clear()
+        self.done[:] = True
+        return [p for p in out if len(p)]
+
+
+# ------------------------------------------------------------------------------------------- sink
+
+
+_FORMAT_FILES = {
+    "parquet": "polygons.parquet",
+    "gpkg": "polygons.gpkg",
+    "geojson": "polygons.geojson",
+    "geojsonseq": "polygons.geojsonl",
+}
+_SUFFIX_FORMAT = {
+    ".parquet": "parquet",
+    ".geoparquet": "parquet",
+    ".gpkg": "gpkg",
+    ".geojson": "geojson",
+    ".json": "geojson",
+    ".geojsonl": "geojsonseq",
+    ".geojsons": "geojsonseq",
+    ".geojsonseq": "geojsonseq",
+    ".ndjson": "geojsonseq",
+}
+
+
+def output_paths(out: str | os.PathLike, formats: Sequence[str]) -> dict[str, Path]:
+    """``{format: path}``: a file with a known suffix is that one format; anything else is a directory."""
+    out = Path(out)
+    fmt = _SUFFIX_FORMAT.get(out.suffix.lower())
+    if fmt is not None:
+        return {fmt: out}
+    if out.suffix and not out.is_dir():
+        known = ", ".join(sorted(_SUFFIX_FORMAT))
+        raise InputError(f"{out}: unknown vector format suffix {out.suffix!r} (known: {known}; or a directory)")
+    return {f: out / _FORMAT_FILES[f] for f in formats}
+
+
+class PolygonSink:
+    """The single-writer half of vectorization for one scene: merge, simplify, filter, attribute, write.
+
+    Feed it ``BlockPolygons`` in any order with ``add``; ``finish`` publishes every output atomically and
+    returns ``{format: path}``; ``abort`` removes the temporary files. ``outputs`` maps formats
+    (parquet, gpkg, geojson, geojsonseq) to paths.
+    """
+
+    def __init__(
+        self,
+        outputs: dict[str, str | os.PathLike],
+        *,
+        shape: tuple[int, int],
+        transform: Affine,
+        crs: Any,
+        cfg: Any,
+        block_px: int | None = None,
+        windows: Sequence[Window] | None = None,
+        class_names: Sequence[str] = (),
+        palette: dict[int, tuple[int, int, int, int]] | None = None,
+        scene: str | None = None,
+        model: str | None = None,
+        model_version: str | None = None,
+        simplify_band_px: int = 4096,
+        overwrite: bool = True,
+    ):
+        from geoseg.write.vectors import open_vector_writer
+
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.transform = transform
+        self.crs = crs
+        self.cfg = cfg
+        self.class_names = list(class_names)
+        self.meta = dict(scene=scene, model=model, model_version=model_version)
+        self.keep = resolve_classes(cfg.include_classes, cfg.exclude_classes, self.class_names)
+        self.tolerance = simplify_tolerance(cfg.simplify_tolerance_m, crs) if cfg.simplify_tolerance_m > 0 else 0.0
+        self.merger = SeamMerger(self.shape, block_px=block_px, windows=windows, connectivity=cfg.connectivity)
+        self.bands = _SimplifyBands(self.shape[0], self.shape[1], simplify_band_px) if self.tolerance else None
+        self.count = 0
+        rows, cols = self.shape
+        t = transform
+        corners = np.array([t * (0, 0), t * (cols, 0), t * (0, rows), t * (cols, rows)])
+        extent = (corners[:, 0].min(), corners[:, 1].min(), corners[:, 0].max(), corners[:, 1].max())
+        pal = palette or default_palette(len(self.class_names) or 16)
+        self.writers = {}
+        try:
+            for fmt, path in outputs.items():
+                if Path(path).exists() and not overwrite:
+                    raise OutputError(f"{path}: exists (set overwrite to replace it)")
+                self.writers[fmt] = open_vector_writer(
+                    path, fmt, crs, palette=pal, class_names=self.class_names, extent=extent,
+                    geometry_type="MultiPolygon" if (self.tolerance and cfg.connectivity == 8) else "Polygon",
+                )
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def classes_at_polygonize(self) -> set[int] | None:
+        """Classes a block may drop already when polygonizing (all are needed to simplify a coverage)."""
+        return None if self.tolerance else self.keep
+
+    def add(self, block: BlockPolygons) -> int:
+        """Merge one block and write what became final; returns the number of polygons written."""
+        final = self.merger.add(block)
+        return self._route(final)
+
+    def _route(self, final: PolygonSet) -> int:
+        if self.bands is None:
+            return self._write(final, pixel_exact=True)
+        self.bands.add(final)
+        return sum(self._write(p, pixel_exact=False) for p in self.bands.ready(self.merger))
+
+    def _write(self, polys: PolygonSet, *, pixel_exact: bool) -> int:
+        if not len(polys):
+            return 0
+        geoms = to_map_coords(polys, self.transform)
+        if not pixel_exact:
+            geoms = simplify_coverage(geoms, self.tolerance)
+        if self.keep is not None:
+            sel = np.isin(polys.class_ids, np.fromiter(self.keep, dtype=np.int64))
+            polys, geoms = polys.take(sel), geoms[sel]
+            if not len(polys):
+                return 0
+        cols = polygon_table(
+            polys, geoms, transform=self.transform, crs=self.crs, class_names=self.class_names,
+            pixel_exact=pixel_exact, **self.meta,
+        )
+        from geoseg.write.vectors import FeatureBatch
+
+        batch = FeatureBatch(geoms, cols)
+        for w in self.writers.values():
+            w.write(batch)
+        self.count += len(polys)
+        return len(polys)
+
+    def finish(self) -> dict[str, Path]:
+        """Write the remaining polygons and publish every output; returns ``{format: path}``."""
+        try:
+            n = self._route(self.merger.finish())
+            if self.bands is not None:
+                n += sum(self._write(p, pixel_exact=False) for p in self.bands.flush())
+            return {fmt: w.close() for fmt, w in self.writers.items()}
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+
+
+def default_palette(n: int) -> dict[int, tuple[int, int, int, int]]:
+    """A fixed qualitative palette for masks that carry no colour table."""
+    base = [
+        (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+        (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
+        (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148),
+    ]
+    return {i: (*base[i % len(base)], 255) for i in range(max(n, 1))}
+
+
+def read_class_names(ds: rasterio.DatasetReader) -> list[str]:
+    """Class names from the mask's ``GEOSEG_CLASS_NAMES`` tag (JSON list by class id); else empty."""
+    raw = ds.tags().get(CLASS_NAMES_TAG) or ds.tags(1).get(CLASS_NAMES_TAG)
+    if not raw:
+        return []
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        raise InputError(f"{ds.name}: tag {CLASS_NAMES_TAG} is not a JSON list ({raw[:80]!r})") from None
+    if not isinstance(names, list):
+        raise InputError(f"{ds.name}: tag {CLASS_NAMES_TAG} is not a JSON list ({raw[:80]!r})")
+    return [str(n) if n is not None else "" for n in names]
+
+
+def read_palette(ds: rasterio.DatasetReader, n_classes: int) -> dict[int, tuple[int, int, int, int]]:
+    """The mask's colour table for its classes if it has one, else ``default_palette``."""
+    try:
+        cmap = ds.colormap(1)
+    except ValueError:
+        cmap = None
+    if not cmap:
+        return default_palette(n_classes or 16)
+    limit = n_classes if n_classes else 255
+    return {int(k): tuple(int(c) for c in v) for k, v in cmap.items() if int(k) < limit}
+
+
+# ------------------------------------------------------------------------------------- vectorize_file
+
+
+@dataclass
+class VectorizeResult:
+    """What ``vectorize_file`` wrote."""
+
+    paths: dict[str, Path]
+    polygons: int
+    blocks: int
+    seconds: float
+
+    def __iter__(self):  # ``for p in vectorize_file(...)`` walks the written paths
+        return iter(self.paths.values())
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+_WORKER_DS: dict[str, rasterio.DatasetReader] = {}
+
+
+def _block_task(
+    path: str, window: tuple[int, int, int, int], nodata: int | None, connectivity: int, sieve_px: int,
+    classes: tuple[int, ...] | None,
+) -> BlockPolygons:
+    """Worker: read one block (with sieve context), sieve, polygonize. Keeps its dataset open between tasks."""
+    ds = _WORKER_DS.get(path)
+    if ds is None:
+        ds = _WORKER_DS[path] = rasterio.open(path)
+    fill = NODATA if nodata is None else nodata
+    if sieve_px > 1:
+        ctx = sieve_context_px(sieve_px)
+        mask = sieve_block(read_with_context(ds, window, ctx, fill), ctx, sieve_px, connectivity, nodata=fill)
+    else:
+        mask = ds.read(1, window=Window(*window))
+    return polygonize_block(mask, window, nodata=nodata, connectivity=connectivity, classes=classes)
+
+
+def vectorize_file(
+    mask_path: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: Any,
+    *,
+    block_px: int = 1024,
+    workers: int = 2,
+    scene: str | None = None,
+    model: str | None = None,
+    model_version: str | None = None,
+    overwrite: bool = True,
+    simplify_band_px: int = 4096,
+    mp_context: str | None = None,
+) -> VectorizeResult:
+    """Polygonize a class mask GeoTIFF into ``out`` (a file whose suffix names the format, or a directory that
+    receives ``cfg.formats`` as ``polygons.*``), block-parallel in ``workers`` processes.
+
+    ``cfg`` is a ``VectorConfig``. The mask is uint8 class ids; its nodata (255 when unset) gives no polygons.
+    Class names come from the ``GEOSEG_CLASS_NAMES`` tag (else ``class_<id>``), colours from its colour table.
+    With a sieve, polygons follow the sieved mask (the file itself is not rewritten). Iterating the result
+    yields the written paths.
+    """
+    t0 = time.perf_counter()
+    mask_path = str(mask_path)
+    try:
+        ds = rasterio.open(mask_path)
+    except rasterio.errors.RasterioError as e:
+        raise InputError(f"{mask_path}: cannot open the mask ({e})") from None
+    with ds:
+        if ds.count < 1 or ds.dtypes[0] not in ("uint8", "int8", "uint16", "int16"):
+            raise InputError(f"{mask_path}: a class mask is one band of integer class ids, got {ds.dtypes}")
+        shape = (ds.height, ds.width)
+        transform, crs = ds.transform, ds.crs
+        nodata = NODATA if ds.nodata is None else int(ds.nodata)
+        names = read_class_names(ds)
+        palette = read_palette(ds, len(names))
+    if scene is None:
+        scene = Path(mask_path).stem
+    sieve_px = sieve_size_px(cfg.sieve_px, cfg.min_area_m2, transform, crs, shape)
+    paths = output_paths(out, cfg.formats)
+    for p in paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    sink = PolygonSink(
+        paths, shape=shape, transform=transform, crs=crs, cfg=cfg, block_px=block_px, class_names=names,
+        palette=palette, scene=scene, model=model, model_version=model_version,
+        simplify_band_px=simplify_band_px, overwrite=overwrite,
+    )
+    keep = sink.classes_at_polygonize
+    classes = tuple(sorted(keep)) if keep is not None else None
+    wins = [_window_tuple(w) for w in block_windows(shape, block_px)]
+    args = [(mask_path, w, nodata, cfg.connectivity, sieve_px, classes) for w in wins]
+    try:
+        if workers <= 1 or len(wins) == 1:
+            for a in args:
+                sink.add(_block_task(*a))
+        else:
+            ctx = multiprocessing.get_context(mp_context) if mp_context else None
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                # In order, at most 2 per worker in flight: bounded memory and a deterministic row order.
+                pending: collections.deque[cf.Future] = collections.deque()
+                it = iter(args)
+                for a in itertools.islice(it, 2 * workers):
+                    pending.append(pool.submit(_block_task, *a))
+                while pending:
+                    block = pending.popleft().result()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(_block_task, *nxt))
+                    sink.add(block)
+        written = sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    return VectorizeResult(written, sink.count, len(wins), time.perf_counter() - t0)

@@ -1,0 +1,160 @@
+"""The Dynamic World port: agreement with Google's SavedModel, exact tiled inference, the fixed-kernel ops.
+
+``tests/data/dw_reference.npz`` was computed once with the SavedModel (``tools/make_dw_reference.py``,
+TensorFlow) on the real chip, so these tests need no TensorFlow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import torch.nn.functional as F
+
+from geoseg.models import GeoModel, load_model
+from geoseg.models._exact import simd_inplace
+from geoseg.models.dynamic_world import antialias_downsample2, bilinear_upsample2
+
+REFERENCE = Path(__file__).parent / "data" / "dw_reference.npz"
+
+
+@pytest.fixture(scope="module")
+def dw() -> GeoModel:
+    return load_model("dynamic-world")
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, np.ndarray]:
+    with np.load(REFERENCE) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def chip_bands(s2_chip, reference) -> torch.Tensor:
+    """The chip's Dynamic World bands (B2..B8, B11, B12), raw values as float32 1x9xHxW."""
+    with rasterio.open(s2_chip) as src:
+        return torch.from_numpy(src.read(reference["bands"].tolist()).astype(np.float32))[None]
+
+
+def _predict(dw: GeoModel, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return dw.module(dw.card.normalization.apply(x))
+
+
+@pytest.fixture(scope="module")
+def chip_logits(dw, chip_bands) -> torch.Tensor:
+    return _predict(dw, chip_bands)
+
+
+def _tiled(dw: GeoModel, x: torch.Tensor, tile: int, halo: int) -> torch.Tensor:
+    """Tiles at multiples of ``tile`` read with ``halo`` context (clipped at the raster edge), centre-cropped."""
+    assert tile % dw.card.output_stride == 0 and halo % dw.card.output_stride == 0
+    h, w = x.shape[-2:]
+    out = torch.full((1, dw.card.num_classes, h, w), float("nan"))
+    for r in range(0, h, tile):
+        for c in range(0, w, tile):
+            r0, c0 = max(r - halo, 0), max(c - halo, 0)
+            r1, c1 = min(r + tile + halo, h), min(c + tile + halo, w)
+            y = _predict(dw, x[..., r0:r1, c0:c1])
+            th, tw = min(tile, h - r), min(tile, w - c)
+            out[..., r : r + th, c : c + tw] = y[..., r - r0 : r - r0 + th, c - c0 : c - c0 + tw]
+    return out
+
+
+def test_logits_match_saved_model(chip_logits, reference):
+    """Max |logit difference| <= 1e-3 on the reference crop and the same class on 100% of the chip."""
+    logits = chip_logits[0].permute(1, 2, 0).numpy()  # HWC like the SavedModel
+    r, c, n = reference["crop"].tolist()
+    diff = np.abs(logits[r : r + n, c : c + n] - reference["logits"]).max()
+    assert diff <= 1e-3, f"max |diff| {diff}"
+    labels = logits.argmax(-1)
+    assert labels.shape == reference["labels"].shape == (512, 512)
+    mismatched = int((labels != reference["labels"]).sum())
+    assert mismatched == 0, f"{mismatched} pixels disagree with the SavedModel's class"
+
+
+def test_tiled_inference_is_bit_identical(dw, chip_bands, chip_logits):
+    """Even-aligned tiles with the card's halo, clipped at the edges, give exactly the whole-chip logits."""
+    assert dw.card.output_stride == 2 and dw.card.halo_px == 32
+    tiled = _tiled(dw, chip_bands, tile=192, halo=dw.card.halo_px)  # 512 = 192 + 192 + 128: ragged last tile
+    assert torch.equal(tiled, chip_logits)
+
+
+def test_tiled_inference_exact_on_odd_sized_raster(dw, chip_bands):
+    """Also on an odd-sized raster (odd edge windows) with per-tile normalisation."""
+    x = chip_bands[..., 101:351, 50:293]  # 250 x 243
+    assert torch.equal(_tiled(dw, x, tile=128, halo=dw.card.halo_px), _predict(dw, x))
+
+
+def test_receptive_field_within_halo(dw):
+    """Changing one input pixel changes logits only within 22 px: the card's 32 px halo covers it."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 9, 96, 96)
+    x2 = x.clone()
+    x2[..., 48, 48] += 0.5
+    with torch.inference_mode():
+        changed = (dw.module(x) != dw.module(x2)).any(dim=1)[0].nonzero()
+    radius = int((changed - 48).abs().max())
+    assert 20 <= radius <= 22 < dw.card.halo_px
+
+
+def _tf_antialias_matrix(n_in: int) -> np.ndarray:
+    """TF ScaleAndTranslate (triangle kernel, antialias, scale 1/2) as an (n_in // 2) x n_in matrix."""
+    n_out = n_in // 2
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        centre = (i + 0.5) * 2.0  # sample position in continuous coordinates
+        for s in range(n_in):
+            m[i, s] = max(0.0, 1.0 - abs(s + 0.5 - centre) / 2.0)
+        m[i] /= m[i].sum()
+    return m
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (4, 5), (8, 8), (17, 10)])
+def test_downsample_matches_tf_kernel(shape):
+    """The fixed-kernel downsample equals TF's antialiased bilinear resize, edges included."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, *shape, dtype=torch.float64)
+    mh, mw = _tf_antialias_matrix(shape[0]), _tf_antialias_matrix(shape[1])
+    expected = np.einsum("ih,nchw,jw->ncij", mh, x.numpy(), mw)
+    got = antialias_downsample2(x).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+
+
+def test_upsample_is_half_pixel_bilinear():
+    """Even sizes: torch's bilinear with half-pixel centres (TF's ResizeBilinear); odd: last row clamps."""
+    x = torch.rand(1, 2, 5, 6)
+    np.testing.assert_array_equal(
+        bilinear_upsample2(x, (10, 12)).numpy(),
+        F.interpolate(x, size=(10, 12), mode="bilinear", align_corners=False).numpy(),
+    )
+    odd = bilinear_upsample2(x, (11, 13))
+    assert odd.shape[-2:] == (11, 13)
+    assert torch.equal(odd[..., :10, :12], bilinear_upsample2(x, (10, 12)))
+    assert torch.equal(odd[..., 10, :12], odd[..., 9, :12])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_simd_inplace_is_position_independent(threads):
+    """An element's result does not depend on where it sits in the tensor, for any size and thread count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        base = torch.randn(200_003) * 4
+        ref = simd_inplace(lambda t: F.mish(t, inplace=True), base.clone())
+        for start, stop in [(1, 200_003), (37, 70_001), (5, 40_000), (1001, 1050)]:
+            part = simd_inplace(lambda t: F.mish(t, inplace=True), base[start:stop].clone())
+            assert torch.equal(part, ref[start:stop]), (start, stop)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_output_shape_and_odd_sizes(dw):
+    for h, w in [(64, 64), (33, 47)]:
+        with torch.inference_mode():
+            y = dw.module(torch.rand(2, 9, h, w))
+        assert y.shape == (2, 9, h, w) and y.dtype == torch.float32 and y.is_contiguous()
