@@ -1,5 +1,6 @@
 """Shared test fixtures.
 
+
 Real data lives in ``../shared/data`` beside the project root. On a user's machine without it those tests
 skip; in CI (``GEOSEG_REQUIRE_SHARED_DATA=1``, set by ``.ci/run``) its absence is a failure.
 """
@@ -10,6 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["tests.s3server"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("GEOSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))

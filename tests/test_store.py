@@ -101,8 +101,9 @@ def test_redact(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     text = ("failed s3cr3t-value https://u:pw@host/x?X-Amz-Signature=abcdef0123&X-Amz-Credential=AKIAX%2F2024 "
             "Credential=AKIAXYZ/20240101/us-east-1/s3/aws4_request, Signature=" + "ab" * 32)
+    text += " <Error><AWSAccessKeyId>AKIAPROFILEKEY123456</AWSAccessKeyId><StringToSign>AWS4 x</StringToSign>"
     out = store.redact(text)
-    for leak in ("s3cr3t-value", "u:pw@", "abcdef0123", "AKIAX", "ab" * 32):
+    for leak in ("s3cr3t-value", "u:pw@", "abcdef0123", "AKIAX", "ab" * 32, "AKIAPROFILEKEY123456", "AWS4 x"):
         assert leak not in out
 
 

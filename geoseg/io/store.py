@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob as globlib
+import ipaddress
 import os
 import re
 import shutil
@@ -177,6 +178,10 @@ _SECRET_PATTERNS = [
     re.compile(r"(?i)(Credential=)[^,\s\"']+"),
     re.compile(r"(?i)(aws_(?:secret_access_key|session_token|access_key_id)\s*[=:]\s*)\S+"),
     re.compile(r"(://)[^/@\s:]+:[^/@\s]+@"),  # user:password@ in URLs
+    # S3 error bodies (which GDAL quotes) echo the key id and what was signed.
+    re.compile(r"(<(?:AWSAccessKeyId|StringToSign|StringToSignBytes|CanonicalRequest|CanonicalRequestBytes|"
+               r"SignatureProvided)>)[^<]*"),
+    re.compile(r"()\b(?:AKIA|ASIA)[A-Z0-9]{12,}\b"),  # AWS access key ids, from wherever they came
 ]
 
 
@@ -216,7 +221,13 @@ def _path_style(storage: StorageConfig) -> bool:
     if not endpoint:
         return False
     host = urlsplit(endpoint if "://" in endpoint else "http://" + endpoint).hostname or ""
-    return host == "localhost" or bool(re.fullmatch(r"[\d.]+|[0-9a-fA-F:]+", host))
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def _endpoint_label(storage: StorageConfig) -> str:

@@ -1,0 +1,171 @@
+"""End-to-end pipeline benchmark on the Ray engine, all ratios measured within this one run.
+
+1. Memory: a VRT repeating the real Sentinel-2 chip 1x1, 2x2 and 4x4 (1x, 4x, 16x the pixels, no extra disk)
+   goes through ``geoseg predict`` (a local Ray started by the job) in a child process; the peak memory of the
+   whole process tree (driver, GCS, raylet, workers) is sampled. Goal: peak at 16x <= 1.2 x peak at 1x.
+   Reported as the sum of RSS and the sum of PSS (PSS splits shared pages, e.g. Ray's object store, fairly).
+2. Throughput: end-to-end megapixels/s of one inference worker vs the model-only forward time of the same
+   tiles (blocks read beforehand, same thread count). Goal: end-to-end / model-only <= 1.10 on CPU.
+3. Scaling: the speedup of 2 workers over 1 (on a 2-core machine both numbers share the same two cores).
+
+    python benchmarks/bench_pipeline.py [--chip PATH] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.vrt import tiled_vrt  # noqa: E402
+
+DEFAULT_CHIP = ROOT.parent / "shared" / "data" / "sentinel2" / "Spain_7370579_S2Hand.tif"
+if not DEFAULT_CHIP.exists():
+    DEFAULT_CHIP = ROOT / "examples" / "Spain_7370579_S2Hand.tif"
+
+
+def _tree_memory(root: psutil.Process) -> tuple[int, int]:
+    rss = pss = 0
+    try:
+        procs = [root] + root.children(recursive=True)
+    except psutil.Error:
+        return 0, 0
+    for p in procs:
+        try:
+            m = p.memory_full_info()
+            rss += m.rss
+            pss += getattr(m, "pss", m.rss)
+        except psutil.Error:
+            pass
+    return rss, pss
+
+
+def run_with_peak(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
+    """Run ``cmd``; return (seconds, peak RSS sum, peak PSS sum) over its process tree."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root = psutil.Process(proc.pid)
+    peak = [0, 0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            rss, pss = _tree_memory(root)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+            done.wait(0.25)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, _ = proc.communicate()
+    done.set()
+    th.join()
+    dt = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
+    return dt, peak[0], peak[1]
+
+
+def geoseg_cmd(src: Path, out: Path, *sets: str) -> list[str]:
+    cmd = [sys.executable, "-m", "geoseg.cli", "predict", str(src), "--model", "dynamic-world", "--out", str(out),
+           "--overwrite", "--set", "runtime.progress=none"]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def model_only_seconds(src: Path, block_px: int, tile_px: int, threads: int) -> float:
+    """Forward passes alone over the same tiles (reads done beforehand, not timed)."""
+    import torch
+
+    from geoseg.config import config_from_dict
+    from geoseg.infer import Predictor
+    from geoseg.models import load_model
+    from geoseg.pipeline import plan_scene, read_block
+
+    torch.set_num_threads(threads)
+    model = load_model("dynamic-world")
+    cfg = config_from_dict({"input": {"paths": [str(src)]}, "output": {"dir": "unused"},
+                            "tiling": {"block_px": block_px, "tile_px": tile_px}})
+    plan = plan_scene(0, str(src), cfg, model.card)
+    blocks = [(b, *read_block(plan, b)) for b in plan.grid.blocks()]
+    pred = Predictor(model, "cpu", cfg.runtime.batch_size)
+    pred.predict_block(*blocks[0])  # warm-up
+    t0 = time.perf_counter()
+    for b, data, valid in blocks:
+        pred.predict_block(b, data, valid)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chip", type=Path, default=DEFAULT_CHIP)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--reps", type=int, nargs="+", default=[1, 2, 4], help="k for k x k mosaics")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="geoseg-bench-"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS="")
+    env.pop("RAY_ADDRESS")
+    results: dict = {"machine": {"cpus": os.cpu_count()}, "memory": [], "throughput": {}}
+    common = ["tiling.block_px=512", "tiling.tile_px=256", "vector.enabled=true", "runtime.workers=1"]
+
+    print("== memory: peak of the whole process tree (driver + local Ray) ==")
+    print(f"{'input':>10} {'Mpx':>7} {'seconds':>8} {'peak RSS MiB':>13} {'peak PSS MiB':>13}")
+    for k in args.reps:
+        vrt = tiled_vrt(args.chip, tmp / f"x{k * k}.vrt", k)
+        dt, rss, pss = run_with_peak(geoseg_cmd(vrt, tmp / f"mem{k}", *common), env)
+        mpx = (512 * k) ** 2 / 1e6
+        results["memory"].append({"area_x": k * k, "mpx": mpx, "seconds": dt, "peak_rss": rss, "peak_pss": pss})
+        print(f"{f'{k * k}x':>10} {mpx:7.2f} {dt:8.1f} {rss / 2**20:13.0f} {pss / 2**20:13.0f}")
+    m = results["memory"]
+    ratio_rss = m[-1]["peak_rss"] / m[0]["peak_rss"]
+    ratio_pss = m[-1]["peak_pss"] / m[0]["peak_pss"]
+    print(f"peak at {m[-1]['area_x']}x / peak at {m[0]['area_x']}x: RSS {ratio_rss:.3f}, PSS {ratio_pss:.3f} "
+          f"(goal <= 1.2)")
+    results["memory_ratio_rss"], results["memory_ratio_pss"] = ratio_rss, ratio_pss
+
+    print("\n== throughput on the 4x mosaic (1024 x 1024 px) ==")
+    vrt = tmp / "x4.vrt" if (tmp / "x4.vrt").exists() else tiled_vrt(args.chip, tmp / "x4.vrt", 2)
+    mpx = 1024 * 1024 / 1e6
+    threads = max(1, (os.cpu_count() or 2))
+    t_model = model_only_seconds(vrt, 512, 256, threads)
+    # One worker holding all CPUs for its threads (Ray sets OMP threads = the actor's CPUs); tasks take little.
+    e2e1, _, _ = run_with_peak(geoseg_cmd(vrt, tmp / "t1", "tiling.block_px=512", "tiling.tile_px=256",
+                                          "runtime.workers=1", f"runtime.cpus_per_worker={threads}",
+                                          "runtime.cpus_per_task=0.25", f"runtime.num_cpus={threads + 1}"), env)
+    e2e2, _, _ = run_with_peak(geoseg_cmd(vrt, tmp / "t2", "tiling.block_px=512", "tiling.tile_px=256",
+                                          "runtime.workers=2", f"runtime.cpus_per_worker={threads / 2:g}",
+                                          "runtime.cpus_per_task=0.25", f"runtime.num_cpus={threads + 1}"), env)
+    # The job's wall time includes starting Ray and the workers; measure that fixed cost alone to separate it.
+    tiny = tiled_vrt(args.chip, tmp / "x1.vrt", 1)
+    e2e0, _, _ = run_with_peak(geoseg_cmd(tiny, tmp / "t0", "tiling.block_px=512", "tiling.tile_px=256",
+                                          "runtime.workers=1", f"runtime.cpus_per_worker={threads}",
+                                          "runtime.cpus_per_task=0.25", f"runtime.num_cpus={threads + 1}"), env)
+    t_model_tiny = model_only_seconds(tiny, 512, 256, threads)
+    fixed = max(0.0, e2e0 - t_model_tiny)
+    steady = (e2e1 - fixed) / t_model
+    print(f"model-only forward ({threads} threads): {t_model:.2f} s = {mpx / t_model:.3f} Mpx/s")
+    print(f"end-to-end, 1 worker:  {e2e1:.2f} s = {mpx / e2e1:.3f} Mpx/s (incl. Ray start and COG/vector output)")
+    print(f"end-to-end, 2 workers: {e2e2:.2f} s = {mpx / e2e2:.3f} Mpx/s; speedup 2 over 1: {e2e1 / e2e2:.2f}x")
+    print(f"fixed per-job cost (start Ray + actor + model, from a 1x run): {fixed:.2f} s")
+    print(f"end-to-end / model-only: {e2e1 / t_model:.2f} whole job; {steady:.2f} without the fixed per-job "
+          f"cost (goal <= 1.10)")
+    results["throughput"] = {"mpx": mpx, "model_only_s": t_model, "e2e_1_worker_s": e2e1, "e2e_2_workers_s": e2e2,
+                             "fixed_cost_s": fixed, "ratio_e2e_over_model": e2e1 / t_model,
+                             "ratio_steady_over_model": steady, "speedup_2_over_1": e2e1 / e2e2}
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
