@@ -71,6 +71,7 @@ class ScenePlan:
     grid: TileGrid
     out_dir: str
     storage: StorageConfig
+    sieve_px: int = 0  # minimum mapping unit in pixels (0: none); needs a second pass over the mask
 
 
 def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
@@ -84,7 +85,12 @@ def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
         halo_px=halo, block_px=cfg.tiling.block_px, stride_px=card.output_stride,
     )
     out_dir = store.join(cfg.output.dir, scene_stem(path))
-    return ScenePlan(index, path, scene_stem(path), info, bands, grid, out_dir, cfg.storage)
+    sieve_px = 0
+    if cfg.vector.sieve_px or cfg.vector.min_area_m2:
+        from geoseg.vectorize import sieve_size_px
+
+        sieve_px = sieve_size_px(cfg.vector.sieve_px, cfg.vector.min_area_m2, info.transform, info.crs, info.shape)
+    return ScenePlan(index, path, scene_stem(path), info, bands, grid, out_dir, cfg.storage, sieve_px)
 
 
 # Worker processes keep their datasets open between blocks of the same scene (one open per scene, not per
@@ -129,8 +135,12 @@ class BlockResult:
 
 
 def postprocess_block(plan: ScenePlan, block: Block, result: BlockResult, vector_cfg=None) -> BlockResult:
-    """CPU work after inference: polygonize the block's mask when vectors are requested."""
-    if vector_cfg is not None and vector_cfg.enabled and result.error is None:
+    """CPU work after inference: polygonize the block's mask when vectors are requested.
+
+    With a sieve the polygons come from the sieved mask, which needs neighbouring blocks: the writer
+    polygonizes in its sieve pass instead.
+    """
+    if vector_cfg is not None and vector_cfg.enabled and result.error is None and plan.sieve_px <= 1:
         from geoseg import vectorize
 
         result.polygons = vectorize.polygonize_block(
@@ -214,9 +224,14 @@ class SceneWriter:
         )
         self.vectors = None
         if cfg.vector.enabled:
-            from geoseg.write.scene_vectors import SceneVectors
+            from geoseg.vectorize import PolygonSink, output_paths
 
-            self.vectors = SceneVectors(plan, cfg.vector, card, self.work)
+            info = plan.info
+            self.vectors = PolygonSink(
+                output_paths(self.work, cfg.vector.formats), shape=info.shape, transform=info.transform,
+                crs=info.crs, cfg=cfg.vector, block_px=plan.grid.block_px, class_names=card.class_names,
+                palette=card.palette, scene=plan.stem, model=card.name, model_version=card.version,
+            )
 
     # -- resume -------------------------------------------------------------------------------------------
     def _prepare(self, overwrite: bool) -> None:
@@ -270,8 +285,35 @@ class SceneWriter:
         self.stats["tiles_skipped_nodata"] += result.tiles_skipped
         self.stats["model_calls"] += result.model_calls
         self.mask_writer.write_block(block.window, result.mask)
-        if self.vectors is not None:
+        if self.vectors is not None and self.plan.sieve_px <= 1:
             self.vectors.add(result.polygons)
+
+    def _sieve_pass(self) -> None:
+        """Minimum mapping unit over the finished raw mask, block by block with context (identical to a
+        whole-mask sieve); the sieved mask replaces the raw one and feeds the polygons."""
+        import rasterio
+
+        from geoseg import vectorize
+        from geoseg.write.cog import MaskWriter
+
+        raw_path = self.mask_writer.close_scratch()
+        size, conn = self.plan.sieve_px, self.cfg.vector.connectivity
+        ctx = vectorize.sieve_context_px(size)
+        info = self.plan.info
+        sieved = MaskWriter(
+            self.work / "mask.sieved.tif", info.shape, info.transform, info.crs,
+            class_names=self.card.class_names, palette=self.card.palette, nodata=NODATA,
+            blocksize_px=self.cfg.output.cog_blocksize_px, compress=self.cfg.output.compress,
+            overviews=self.cfg.output.overviews, tags=self.mask_writer.tags,
+        )
+        with rasterio.open(raw_path) as raw:
+            for block in self.plan.grid.blocks():
+                mask = vectorize.sieve_block(vectorize.read_with_context(raw, block.window, ctx), ctx, size, conn)
+                sieved.write_block(block.window, mask)
+                if self.vectors is not None:
+                    self.vectors.add(vectorize.polygonize_block(mask, block.window, nodata=NODATA, connectivity=conn))
+        raw_path.unlink(missing_ok=True)
+        self.mask_writer = sieved
 
     def abort(self) -> None:
         """Leave block records for resume; drop scratch files."""
@@ -283,6 +325,8 @@ class SceneWriter:
         """Publish the mask, vectors and manifest, then the run record."""
         s = self.storage
         files = {}
+        if self.plan.sieve_px > 1:
+            self._sieve_pass()
         local_mask = self.mask_writer.finish(self.work / "mask.tif")
         files["mask"] = store.join(self.out_dir, "mask.tif")
         store.publish_file(str(local_mask), files["mask"], s)

@@ -424,7 +424,7 @@ class SeamMerger:
         self._open_corners: dict[tuple[int, tuple[int, int]], tuple[int, int] | None] = {}
         self._parent: dict[int, int] = {}
         self._groups: dict[int, _Group] = {}
-        self._polys: dict[int, tuple[int, list[np.ndarray]]] = {}
+        self._polys: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # gid -> (class, coords, ring lengths)
 
     # -- union-find
     def _find(self, g: int) -> int:
@@ -521,8 +521,8 @@ class SeamMerger:
         for p in touching.tolist():
             g = base | p
             r0, r1 = block.poly_offsets[p], block.poly_offsets[p + 1]
-            rings = [block.coords[block.ring_offsets[r] : block.ring_offsets[r + 1]].copy() for r in range(r0, r1)]
-            self._polys[g] = (int(block.class_ids[p]), rings)
+            ro = block.ring_offsets[r0 : r1 + 1]
+            self._polys[g] = (int(block.class_ids[p]), block.coords[ro[0] : ro[-1]].copy(), np.diff(ro))
             self._parent[g] = g
             self._groups[g] = _Group(g, int(keys[p]))
         candidates = set(base | p for p in touching.tolist())
@@ -584,41 +584,52 @@ class SeamMerger:
         return PolygonSet.concat(out)
 
     def _emit(self, roots: Iterable[int]) -> list[PolygonSet]:
-        rings_out: list[list[np.ndarray]] = []
-        cls_out: list[int] = []
-        key_out: list[int] = []
+        """Pop finished groups: single polygons pass through; multi-block groups are merged in one pass."""
+        single: list[tuple[int, int, int]] = []  # (gid, class, key)
+        multi: list[tuple[list[int], int, int]] = []
         for r in roots:
             group = self._groups.pop(r)
-            members = group.members
-            cls = self._polys[members[0]][0]
-            if len(members) == 1:
-                rings = self._polys[members[0]][1]
+            cls = self._polys[group.members[0]][0]
+            if len(group.members) == 1:
+                single.append((group.members[0], cls, group.key))
             else:
-                rings = _merge_rings(
-                    [ring for m in members for ring in self._polys[m][1]],
-                    self.connectivity,
-                    self._vseams,
-                    self._hseams,
-                )
-            for m in members:
-                del self._polys[m]
-                del self._parent[m]
-            rings_out.append(rings)
-            cls_out.append(cls)
-            key_out.append(group.key)
-        if not rings_out:
-            return []
-        flat = [r for rings in rings_out for r in rings]
-        coords = np.concatenate(flat).astype(np.int32)
-        return [
-            PolygonSet(
-                coords,
-                _offsets([len(r) for r in flat]),
-                _offsets([len(rings) for rings in rings_out]),
-                np.asarray(cls_out, dtype=np.uint8),
-                np.asarray(key_out, dtype=np.int64),
+                multi.append((group.members, cls, group.key))
+        out = []
+        if single:
+            polys = [self._polys.pop(g) for g, _, _ in single]
+            lens = [p[2] for p in polys]
+            out.append(PolygonSet(
+                np.concatenate([p[1] for p in polys]),
+                _offsets(np.concatenate(lens)),
+                _offsets([len(x) for x in lens]),
+                np.asarray([c for _, c, _ in single], dtype=np.uint8),
+                np.asarray([k for _, _, k in single], dtype=np.int64),
+            ))
+            for g, _, _ in single:
+                del self._parent[g]
+        # Keys pack the group index above 44 bits of coordinates: merge at most 2**18 groups per pass.
+        for k in range(0, len(multi), 1 << 18):
+            chunk = multi[k : k + (1 << 18)]
+            coords, lens, ring_group = [], [], []
+            for gi, (members, _, _) in enumerate(chunk):
+                for m in members:
+                    _, c, rl = self._polys.pop(m)
+                    del self._parent[m]
+                    coords.append(c)
+                    lens.append(rl)
+                    ring_group.append(np.full(len(rl), gi, dtype=np.int64))
+            merged, ring_lens, rings_per = _merge_groups(
+                np.concatenate(coords), np.concatenate(lens), np.concatenate(ring_group), len(chunk),
+                self._vseams, self._hseams,
             )
-        ]
+            out.append(PolygonSet(
+                merged,
+                _offsets(ring_lens),
+                _offsets(rings_per),
+                np.asarray([c for _, c, _ in chunk], dtype=np.uint8),
+                np.asarray([k for _, _, k in chunk], dtype=np.int64),
+            ))
+        return out
 
 
 def _match_intervals(a0, a1, b0, b1, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -639,79 +650,160 @@ def _match_intervals(a0, a1, b0, b1, connectivity: int) -> tuple[np.ndarray, np.
     return np.repeat(np.arange(len(a0), dtype=np.int64), cnt), _ranges(lo, cnt)
 
 
-def _key(p: np.ndarray) -> int:
-    return (int(p[1]) << _COORD_BITS) | int(p[0])
+def _merge_groups(
+    ring_coords: np.ndarray, ring_lens: np.ndarray, ring_group: np.ndarray, n_groups: int,
+    vseams: np.ndarray, hseams: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rings (closed, GDAL orientation) of connected groups of block polygons -> each group's merged polygon.
 
+    Per group: cut the rings at every vertex on a seam line or shared by several rings, cancel the seam unit
+    edges present in both directions, re-chain the pieces with GDAL's pinch rule (turn right), drop collinear
+    vertices, start each ring at its lowest (row, col) vertex. Vectorized over all groups at once (keys carry
+    the group); only the walk around the re-chained rings is a Python loop.
 
-def _merge_rings(
-    rings: list[np.ndarray], connectivity: int, vseams: np.ndarray, hseams: np.ndarray
-) -> list[np.ndarray]:
-    """Rings (closed, GDAL orientation) of one connected group's block polygons -> the merged polygon's rings.
-
-    Cut at every vertex on a seam line or shared by several rings, cancel the seam unit edges present in both
-    directions, re-chain the pieces with GDAL's pinch rule (turn right), drop collinear vertices, start each ring at its lowest (row, col) vertex.
-    Returns the exterior first, then the holes by start vertex.
+    Returns (closed ring coords, ring lengths, rings per group); per group the exterior first, then the holes
+    by start vertex.
     """
-    pieces: list[np.ndarray] = []
-    whole: list[np.ndarray] = []
-    seam_segs: list[np.ndarray] = []
-    # Vertices several rings pass through are pinches whose pairing the blocks may have decided differently
-    # (with 4-connectivity, diagonal pixels that only the merge connects): cut and re-pair them too.
-    keys = [(r[:-1, 1].astype(np.int64) << _COORD_BITS) | r[:-1, 0] for r in rings]
-    uniq, counts = np.unique(np.concatenate(keys), return_counts=True)
-    shared = uniq[counts > 1]
-    for ring, key in zip(rings, keys):
-        v = ring[:-1].astype(np.int64)
-        onv = np.isin(v[:, 0], vseams)
-        onh = np.isin(v[:, 1], hseams)
-        cut = np.flatnonzero(onv | onh | np.isin(key, shared))
-        if len(cut) == 0:
-            whole.append(ring)
-            continue
-        n = len(v)
-        closed = np.concatenate([v, v[:1]])
-        bounds = np.append(cut, cut[0] + n)
-        for k in range(len(cut)):
-            a, b = int(bounds[k]), int(bounds[k + 1])
-            if b <= n:
-                piece = closed[a : b + 1]
-            else:  # wraps past the ring's start
-                piece = np.concatenate([closed[a:n], closed[: b - n + 1]])
-            if b - a == 1:
-                p, q = piece
-                if (p[0] == q[0] and onv[a]) or (p[1] == q[1] and onh[a]):
-                    seam_segs.append(piece)
-                    continue
-            pieces.append(piece)
+    n_in = len(ring_lens)
+    ring_lens = np.asarray(ring_lens, dtype=np.int64)
+    ring_group = np.asarray(ring_group, dtype=np.int64)
+    closed_off = _offsets(ring_lens)
+    is_closing = np.zeros(len(ring_coords), dtype=bool)
+    is_closing[closed_off[1:] - 1] = True
+    V = ring_coords[~is_closing].astype(np.int64)  # open rings
+    lens = ring_lens - 1
+    roff = _offsets(lens)
+    ring_of = np.repeat(np.arange(n_in), lens)
+    vgroup = ring_group[ring_of]
+    local = np.arange(len(V)) - roff[ring_of]
+    nxt = np.arange(len(V)) + 1
+    nxt[roff[1:] - 1] = roff[:-1]  # each ring's last vertex is followed by its first
+    gshift = 2 * _COORD_BITS
+    gkey = (vgroup << gshift) | (V[:, 1] << _COORD_BITS) | V[:, 0]
+    onv = np.isin(V[:, 0], vseams)
+    onh = np.isin(V[:, 1], hseams)
+    # Vertices several rings of a group pass through are pinches whose pairing the blocks may have decided
+    # differently (with 4-connectivity, diagonal pixels that only the merge connects): cut and re-pair them.
+    _, inv, cnt = np.unique(gkey, return_inverse=True, return_counts=True)
+    cut = onv | onh | (cnt[inv.ravel()] > 1)
+    ncut = np.bincount(ring_of[cut], minlength=n_in)
+    whole = np.flatnonzero(ncut == 0)
 
-    if seam_segs:
-        pieces.extend(_surviving_seam_runs(np.stack(seam_segs)))
+    # Pieces: from each cut vertex to the next one of its ring (cyclically), ``n_seg`` segments long.
+    ci = np.flatnonzero(cut)
+    cr, cs = ring_of[ci], local[ci]
+    first = np.concatenate([[True], cr[1:] != cr[:-1]])
+    ring_first = np.flatnonzero(first)[np.cumsum(first) - 1]
+    last = np.concatenate([first[1:], [True]])
+    nxt_cut = np.empty_like(cs)
+    nxt_cut[~last] = cs[1:][~last[:-1]]
+    nxt_cut[last] = cs[ring_first[last]] + lens[cr[last]]
+    n_seg = nxt_cut - cs
+    q_idx = nxt[ci]
+    P, Q = V[ci], V[q_idx]
+    seam = (n_seg == 1) & (((P[:, 0] == Q[:, 0]) & onv[ci]) | ((P[:, 1] == Q[:, 1]) & onh[ci]))
+    arc = ~seam
+    a_ring, a_start, a_len = cr[arc], cs[arc], n_seg[arc]
+    a_end_idx = roff[a_ring] + (a_start + a_len) % lens[a_ring]
+    a_last_idx = roff[a_ring] + (a_start + a_len - 1) % lens[a_ring]
+    run_s, run_e, run_g = _surviving_seam_runs(P[seam], Q[seam], ring_group[cr[seam]])
 
-    out: list[np.ndarray] = []
-    if pieces:
-        out.extend(_chain(pieces, connectivity))
-    out.extend(w.astype(np.int64) for w in whole)
-    exteriors = [r for r in out if _area2(r) < 0]
-    holes = [r for r in out if _area2(r) > 0]
-    if len(exteriors) != 1 or len(exteriors) + len(holes) != len(out):
-        raise RuntimeError(f"seam merge produced {len(exteriors)} exterior rings (expected 1); this is a bug")
-    holes.sort(key=lambda r: _key(r[0]))
-    return [r.astype(np.int32) for r in exteriors + holes]
+    # All pieces: arcs (index ranges into V) then seam runs (two points each, appended to V as extra vertices).
+    n_arc, n_run = len(a_ring), len(run_s)
+    piece_group = np.concatenate([ring_group[a_ring], run_g])
+    start_pt = np.concatenate([V[ci[arc]], run_s])
+    end_pt = np.concatenate([V[a_end_idx], run_e])
+    first_dir = np.concatenate([np.sign(V[q_idx[arc]] - V[ci[arc]]), np.sign(run_e - run_s)])
+    last_dir = np.concatenate([np.sign(V[a_end_idx] - V[a_last_idx]), np.sign(run_e - run_s)])
+    base = np.concatenate([roff[a_ring], len(V) + np.arange(n_run)])
+    start = np.concatenate([a_start, np.zeros(n_run, np.int64)])
+    length = np.concatenate([a_len, np.ones(n_run, np.int64)])
+    modulo = np.concatenate([lens[a_ring], np.ones(n_run, np.int64)])
+    V2 = np.concatenate([V, run_s])
+
+    out_coords: list[np.ndarray] = []
+    out_lens: list[np.ndarray] = []
+    out_group: list[np.ndarray] = []
+    n_p = n_arc + n_run
+    if n_p:
+        # Successor of each piece: the piece starting where it ends; at a pinch (two such), the right turn.
+        skey = (piece_group << gshift) | (start_pt[:, 1] << _COORD_BITS) | start_pt[:, 0]
+        ekey = (piece_group << gshift) | (end_pt[:, 1] << _COORD_BITS) | end_pt[:, 0]
+        order = np.argsort(skey, kind="stable")
+        sorted_keys = skey[order]
+        lo = np.searchsorted(sorted_keys, ekey, side="left")
+        hi = np.searchsorted(sorted_keys, ekey, side="right")
+        if ((hi - lo) < 1).any() or ((hi - lo) > 2).any():
+            raise RuntimeError("seam merge found an unmatched ring piece; this is a bug")
+        c1 = order[lo]
+        c2 = order[np.minimum(lo + 1, n_p - 1)]
+        cross = last_dir[:, 0] * first_dir[c1, 1] - last_dir[:, 1] * first_dir[c1, 0]
+        succ = np.where((hi - lo == 1) | (cross > 0), c1, c2).tolist()
+        seen = bytearray(n_p)
+        walk: list[int] = []
+        cycle_len: list[int] = []
+        for i in range(n_p):
+            if seen[i]:
+                continue
+            j = i
+            n0 = len(walk)
+            while not seen[j]:
+                seen[j] = 1
+                walk.append(j)
+                j = succ[j]
+            if j != i:
+                raise RuntimeError("seam merge could not close a ring; this is a bug")
+            cycle_len.append(len(walk) - n0)
+        c = np.asarray(walk)
+        ln = length[c]
+        idx = np.repeat(base[c], ln) + _ranges(start[c], ln) % np.repeat(modulo[c], ln)
+        n_cyc = len(cycle_len)
+        vert_cycle = np.repeat(np.repeat(np.arange(n_cyc), cycle_len), ln)
+        coords, lens_c = _clean_rings(V2[idx], vert_cycle, n_cyc)
+        out_coords.append(coords)
+        out_lens.append(lens_c)
+        out_group.append(piece_group[c[_offsets(cycle_len)[:-1]]])
+    if len(whole):
+        out_coords.append(ring_coords[_ranges(closed_off[whole], ring_lens[whole])].astype(np.int64))
+        out_lens.append(ring_lens[whole])
+        out_group.append(ring_group[whole])
+    coords = np.concatenate(out_coords)
+    lens_out = np.concatenate(out_lens)
+    group_out = np.concatenate(out_group)
+    off = _offsets(lens_out)
+    ring_id = np.repeat(np.arange(len(lens_out)), lens_out)
+    # Signed area per closed ring (its last vertex repeats the first and starts no segment).
+    nxt_v = np.minimum(np.arange(len(coords)) + 1, len(coords) - 1)
+    cross_v = coords[:, 0] * coords[nxt_v, 1] - coords[nxt_v, 0] * coords[:, 1]
+    cross_v[off[1:] - 1] = 0
+    signs = np.bincount(ring_id, weights=cross_v, minlength=len(lens_out))
+    n_ext = np.bincount(group_out[signs < 0], minlength=n_groups)
+    if (n_ext != 1).any() or (signs == 0).any():
+        raise RuntimeError(f"seam merge produced {n_ext.max()} exterior rings for a polygon (expected 1); this is a bug")
+    first_key = (coords[off[:-1], 1] << _COORD_BITS) | coords[off[:-1], 0]
+    ring_order = np.lexsort((first_key, signs > 0, group_out))  # by group: exterior, then holes by start
+    sel = _ranges(off[ring_order], lens_out[ring_order])
+    return coords[sel].astype(np.int32), lens_out[ring_order], np.bincount(group_out, minlength=n_groups)
 
 
-def _surviving_seam_runs(segs: np.ndarray) -> list[np.ndarray]:
-    """Split seam segments (m, 2, 2) into unit edges, drop those present in both directions, rejoin runs."""
-    p, q = segs[:, 0], segs[:, 1]
+def _surviving_seam_runs(
+    p: np.ndarray, q: np.ndarray, group: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seam segments p -> q (of ``group``) as unit edges; drop those present in both directions within a group;
+    rejoin the rest into runs. Returns (run starts, run ends, run groups)."""
+    if len(p) == 0:
+        z = np.zeros((0, 2), dtype=np.int64)
+        return z, z, np.zeros(0, dtype=np.int64)
     step = np.sign(q - p)
     length = np.abs(q - p).sum(axis=1)
-    seg_id = np.repeat(np.arange(len(segs)), length)
+    seg_id = np.repeat(np.arange(len(p)), length)
     t = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
     st = step[seg_id]
     a = p[seg_id] + st * t[:, None]
     b = a + st
     lo = np.minimum(a, b)
     vertical = (st[:, 0] == 0).astype(np.int64)
-    undirected = (((lo[:, 1] << _COORD_BITS) | lo[:, 0]) << 1) | vertical
+    undirected = (((group[seg_id] << (2 * _COORD_BITS)) | (lo[:, 1] << _COORD_BITS) | lo[:, 0]) << 1) | vertical
     _, inv, counts = np.unique(undirected, return_inverse=True, return_counts=True)
     alive = counts[inv.ravel()] == 1
     first = t == 0
@@ -720,62 +812,32 @@ def _surviving_seam_runs(segs: np.ndarray) -> list[np.ndarray]:
     next_alive = np.concatenate([alive[1:], [False]])
     run_start = alive & (first | ~prev_alive)
     run_end = alive & (last | ~next_alive)
-    return [np.stack([s, e]) for s, e in zip(a[run_start], b[run_end])]
+    return a[run_start], b[run_end], group[seg_id[run_start]]
 
 
-def _chain(pieces: list[np.ndarray], connectivity: int) -> list[np.ndarray]:
-    """Link open pieces end to start into closed rings (returned open-ended: first vertex not repeated)."""
-    starts: dict[int, list[int]] = {}
-    for i, pc in enumerate(pieces):
-        starts.setdefault(_key(pc[0]), []).append(i)
-    want = 1  # cross > 0: right turn on screen (y down), as GDAL does
-    n = len(pieces)
-    succ = [0] * n
-    for i, pc in enumerate(pieces):
-        cands = starts[_key(pc[-1])]
-        if len(cands) == 1:
-            succ[i] = cands[0]
-            continue
-        dx, dy = np.sign(pc[-1] - pc[-2])
-        best = cands[0]
-        for j in cands:
-            ex, ey = np.sign(pieces[j][1] - pieces[j][0])
-            if (dx * ey - dy * ex) * want > 0:
-                best = j
-                break
-        succ[i] = best
-    seen = bytearray(n)
-    rings = []
-    for i in range(n):
-        if seen[i]:
-            continue
-        parts = []
-        j = i
-        while not seen[j]:
-            seen[j] = 1
-            parts.append(pieces[j][:-1])
-            j = succ[j]
-        if j != i:
-            raise RuntimeError("seam merge could not close a ring; this is a bug")
-        rings.append(_clean_ring(np.concatenate(parts)))
-    return rings
-
-
-def _clean_ring(v: np.ndarray) -> np.ndarray:
-    """Drop collinear vertices, rotate to start at the lowest (row, col) vertex, close."""
-    d_in = np.sign(v - np.roll(v, 1, axis=0))
-    d_out = np.sign(np.roll(v, -1, axis=0) - v)
-    v = v[(d_in != d_out).any(axis=1)]
-    k = int(np.argmin((v[:, 1] << _COORD_BITS) | v[:, 0]))
-    v = np.roll(v, -k, axis=0)
-    return np.concatenate([v, v[:1]])
-
-
-def _area2(ring: np.ndarray) -> int:
-    """Twice the signed shoelace area of a ring (open or closed); negative for GDAL exteriors."""
-    x = ring[:, 0].astype(np.int64)
-    y = ring[:, 1].astype(np.int64)
-    return int(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+def _clean_rings(v: np.ndarray, ring: np.ndarray, n_rings: int) -> tuple[np.ndarray, np.ndarray]:
+    """Open rings (vertices ``v`` grouped by ``ring``): drop collinear vertices, start each at its lowest
+    (row, col) vertex, close. Returns (closed coords, ring lengths)."""
+    counts = np.bincount(ring, minlength=n_rings)
+    off = _offsets(counts)
+    i = np.arange(len(v))
+    prev = i - 1
+    prev[off[:-1]] = off[1:] - 1
+    nxt = i + 1
+    nxt[off[1:] - 1] = off[:-1]
+    keep = (np.sign(v - v[prev]) != np.sign(v[nxt] - v)).any(axis=1)
+    v, ring = v[keep], ring[keep]
+    counts = np.bincount(ring, minlength=n_rings)
+    off = _offsets(counts)
+    key = (v[:, 1] << _COORD_BITS) | v[:, 0]
+    pos = np.arange(len(v)) - off[ring]
+    by = np.lexsort((key, ring))
+    min_pos = np.empty(n_rings, dtype=np.int64)
+    min_pos[ring[by[off[:-1]]]] = pos[by[off[:-1]]]
+    rot = (pos - min_pos[ring]) % counts[ring]
+    v = v[np.lexsort((rot, ring))]
+    closed = np.insert(v, off[1:], v[off[:-1]], axis=0)
+    return closed, counts + 1
 
 
 # ------------------------------------------------------------------------------------------------ sieve

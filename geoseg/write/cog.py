@@ -86,6 +86,12 @@ class MaskWriter:
                 out[name] = int(n)
         return out
 
+    def close_scratch(self) -> Path:
+        """Close the scratch file for reading (e.g. a sieve pass) and return its path."""
+        if not self._ds.closed:
+            self._ds.close()
+        return self.scratch_path
+
     def abort(self) -> None:
         if not self._ds.closed:
             self._ds.close()

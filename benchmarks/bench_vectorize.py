@@ -1,0 +1,173 @@
+"""Benchmark: block-parallel ``geoseg`` vectorize vs single-pass ``rasterio.features.shapes`` and ``gdal_polygonize``.
+
+The mask is real land cover: ``landcover_nc/strata.tif`` (7 classes, 28.5 m, EPSG:3358) mirrored and tiled up to
+``--size`` pixels a side (default 8192 x 8192 = 67 Mpx), written as a tiled, deflate-compressed uint8 GeoTIFF in a
+temporary directory. Every tool runs in this one process run, on this machine, and the script checks that all of
+them produce the same number of polygons and the same area per class.
+
+    python benchmarks/bench_vectorize.py [--size 8192] [--block-px 1024] [--workers 2] [--connectivity 4]
+
+``gdal_polygonize`` (Debian ``gdal-bin`` + ``python3-gdal``) is timed writing a GeoPackage, as geoseg's GPKG run
+does; geoseg's GeoParquet run is its default analyst output. ``shapes`` only polygonizes into Python objects in
+memory (no output file), so it is a lower bound for any single-process tool built on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pyarrow.parquet as pq
+import rasterio
+import shapely
+from affine import Affine
+from rasterio import features
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from geoseg.config import VectorConfig  # noqa: E402
+from geoseg.vectorize import vectorize_file  # noqa: E402
+
+STRATA = Path(os.environ.get("GEOSEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "landcover_nc" / "strata.tif"
+NAMES = [None, "developed", "agriculture", "herbaceous", "shrubland", "forest", "water", "sediment"]
+
+
+def make_mask(path: Path, size: int) -> tuple[np.ndarray, float]:
+    """strata.tif as uint8 (255 = nodata), mirrored/tiled to ``size`` x ``size``; returns (mask, pixel area m2)."""
+    with rasterio.open(STRATA) as src:
+        a = src.read(1)
+        crs, t = src.crs, src.transform
+    m = np.where(a == src.nodata, 255, a).astype(np.uint8)
+    tile = np.concatenate([m, m[::-1]], axis=0)
+    tile = np.concatenate([tile, tile[:, ::-1]], axis=1)
+    reps = (size // tile.shape[0] + 1, size // tile.shape[1] + 1)
+    big = np.ascontiguousarray(np.tile(tile, reps)[:size, :size])
+    profile = dict(driver="GTiff", width=size, height=size, count=1, dtype="uint8", nodata=255, crs=crs,
+                   transform=t, tiled=True, blockxsize=512, blockysize=512, compress="deflate", bigtiff="IF_SAFER")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(big, 1)
+        dst.update_tags(GEOSEG_CLASS_NAMES=json.dumps(NAMES))
+    return big, abs(t.a * t.e)
+
+
+def class_areas_from_table(class_ids: np.ndarray, areas: np.ndarray) -> dict[int, float]:
+    return {int(c): float(areas[class_ids == c].sum()) for c in np.unique(class_ids)}
+
+
+def run_geoseg(mask_path: Path, out: Path, fmt: str, args) -> tuple[float, int, dict[int, float]]:
+    cfg = VectorConfig(formats=[fmt], connectivity=args.connectivity)
+    t0 = time.perf_counter()
+    res = vectorize_file(mask_path, out, cfg, block_px=args.block_px, workers=args.workers)
+    dt = time.perf_counter() - t0
+    path = res.paths[fmt]
+    if fmt == "parquet":
+        tab = pq.read_table(path, columns=["class_id", "area_m2"])
+        cls, area = tab.column("class_id").to_numpy(), tab.column("area_m2").to_numpy()
+    else:
+        _, tab = pyogrio.read_arrow(path, layer="polygons", columns=["class_id", "area_m2"], read_geometry=False)
+        cls, area = tab.column("class_id").to_numpy(), tab.column("area_m2").to_numpy()
+    return dt, len(cls), class_areas_from_table(cls, area)
+
+
+def run_shapes(mask: np.ndarray, px_area: float, connectivity: int) -> tuple[float, int, dict[int, float]]:
+    """Single-pass whole-mask polygonize into Python objects (what most tools do), plus pixel areas."""
+    t0 = time.perf_counter()
+    n = 0
+    areas: dict[int, float] = {}
+    for geom, value in features.shapes(mask, mask=mask != 255, connectivity=connectivity, transform=Affine.identity()):
+        n += 1
+        rings = geom["coordinates"]
+        a = 0.0
+        for r in rings:  # shoelace, exterior first then holes (GDAL orientation: signs differ)
+            xy = np.asarray(r)
+            a += 0.5 * float(np.dot(xy[:-1, 0], xy[1:, 1]) - np.dot(xy[1:, 0], xy[:-1, 1]))
+        areas[int(value)] = areas.get(int(value), 0.0) + abs(a) * px_area
+    return time.perf_counter() - t0, n, areas
+
+
+def run_gdal(mask_path: Path, out: Path, connectivity: int) -> tuple[float, int, dict[int, float]] | None:
+    exe = shutil.which("gdal_polygonize.py") or shutil.which("gdal_polygonize")
+    if exe is None:
+        return None
+    cmd = [exe, "-q", str(mask_path), "-f", "GPKG", str(out), "polygons", "class_id"]
+    if connectivity == 8:
+        cmd.insert(1, "-8")
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    dt = time.perf_counter() - t0
+    _, tab = pyogrio.read_arrow(out, layer="polygons", columns=["class_id"])
+    geom = shapely.from_wkb(tab.column(tab.schema.names[-1]).to_numpy(zero_copy_only=False))
+    cls = tab.column("class_id").to_numpy()
+    return dt, len(cls), class_areas_from_table(cls, shapely.area(geom))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=8192)
+    ap.add_argument("--block-px", type=int, default=1024)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--connectivity", type=int, default=4, choices=(4, 8))
+    ap.add_argument("--skip-gdal", action="store_true")
+    ap.add_argument("--skip-gpkg", action="store_true", help="skip geoseg's GPKG run")
+    ap.add_argument("--tmp", default=None, help="work directory (default: a temporary one, removed)")
+    args = ap.parse_args()
+
+    work = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="geoseg-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        mask_path = work / "mask.tif"
+        mask, px_area = make_mask(mask_path, args.size)
+        mpx = args.size * args.size / 1e6
+        ref_areas = {int(c): float(n) * px_area for c, n in enumerate(np.bincount(mask.ravel(), minlength=256)) if n and c != 255}
+        print(f"mask: {args.size} x {args.size} ({mpx:.1f} Mpx), {len(ref_areas)} classes, {os.cpu_count()} CPUs, "
+              f"block_px={args.block_px}, workers={args.workers}, connectivity={args.connectivity}")
+        rows = []
+        dt, n, areas = run_geoseg(mask_path, work / "geoseg.parquet", "parquet", args)
+        rows.append(("geoseg -> GeoParquet", dt, n, areas))
+        if not args.skip_gpkg:
+            dt, n, areas = run_geoseg(mask_path, work / "geoseg.gpkg", "gpkg", args)
+            rows.append(("geoseg -> GPKG", dt, n, areas))
+        dt, n, areas = run_shapes(mask, px_area, args.connectivity)
+        rows.append(("rasterio shapes (1 pass, in memory)", dt, n, areas))
+        if not args.skip_gdal:
+            res = run_gdal(mask_path, work / "gdal.gpkg", args.connectivity)
+            if res is None:
+                print("gdal_polygonize not on PATH: skipped (apt-get install gdal-bin python3-gdal)")
+            else:
+                rows.append(("gdal_polygonize -> GPKG", *res))
+        base = rows[0][1]
+        print(f"{'tool':38s} {'seconds':>8s} {'Mpx/s':>7s} {'x geoseg-parquet':>17s} {'polygons':>9s}  areas")
+        counts = set()
+        ok = True
+        for name, dt, n, areas in rows:
+            rel = max(abs(areas.get(c, 0.0) - a) / a for c, a in ref_areas.items())
+            ok &= rel < 1e-9 and set(areas) == set(ref_areas)
+            counts.add(n)
+            print(f"{name:38s} {dt:8.2f} {mpx / dt:7.2f} {dt / base:17.2f} {n:9d}  max rel. class-area error {rel:.1e}")
+        ok &= len(counts) == 1
+        by = {r[0]: r[1] for r in rows}
+        gd = by.get("gdal_polygonize -> GPKG")
+        if gd is not None:
+            for name in ("geoseg -> GeoParquet", "geoseg -> GPKG"):
+                if name in by:
+                    print(f"speed-up of {name} over gdal_polygonize -> GPKG: {gd / by[name]:.2f}x")
+        print("identical polygon counts and class areas: " + ("yes" if ok else "NO"))
+        if not ok:
+            sys.exit(1)
+    finally:
+        if not args.tmp:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
