@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
+from geoseg._memory import release_free_memory
 from geoseg.config import JobConfig, apply_overrides, config_from_dict
 from geoseg.errors import BlockError, ConfigError, GeosegError, OutputError
 from geoseg.grid import Block
@@ -191,6 +192,7 @@ def run(
                            if cfg.runtime.max_failed_blocks else "")
                     )
             writers[result.scene].add(block, result)
+            release_free_memory()
             if on_result is not None:
                 on_result(result)
             progress.update(int(block.window.width * block.window.height))

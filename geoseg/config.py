@@ -78,6 +78,9 @@ class RuntimeConfig(_Section):
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved per read / postprocess task")
     num_cpus: int | None = Field(None, gt=0, description="CPUs for the embedded local Ray (default: all)")
     address: str | None = Field(None, description="join this Ray cluster (else RAY_ADDRESS, else start a local one)")
+    object_store_mb: int | None = Field(
+        512, ge=80, description="object store of the embedded local Ray, MiB (in-flight blocks live there)"
+    )
     max_failed_blocks: int = Field(0, ge=0, description="blocks that may fail (recorded) before the run fails")
     max_in_flight_blocks: int | None = Field(
         None, gt=0, description="blocks read but not yet written; bounds memory (default: 2 per worker + 2)"

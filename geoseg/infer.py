@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from rasterio.windows import Window
 
+from geoseg._memory import release_free_memory
 from geoseg.errors import ConfigError
 from geoseg.grid import Block
 
@@ -103,4 +104,6 @@ class Predictor:
                     out[_rel(t.core, block.window)] = cls[_rel(t.core, t.read)]
                 inferred += len(chunk)
         out[~valid[_rel(block.window, block.read)]] = NODATA
+        if self.device.type == "cpu":
+            release_free_memory()
         return BlockPrediction(out, inferred, skipped, self.model_calls - calls0)

@@ -27,6 +27,7 @@ from typing import Iterator
 
 import ray
 
+from geoseg._memory import release_free_memory
 from geoseg.api import WorkItem, _failure, finish_block
 from geoseg.config import JobConfig
 from geoseg.errors import ConfigError
@@ -49,7 +50,9 @@ def init_ray(cfg: JobConfig) -> bool:
         # Logical CPUs: enough for the actor pool plus read/finish tasks even on a small machine, so the
         # embedded default can never deadlock with every CPU held by an actor.
         need = rt.workers * rt.cpus_per_worker + 2 * rt.cpus_per_task
+        store_mb = rt.object_store_mb
         ray.init(num_cpus=rt.num_cpus or max(os.cpu_count() or 1, int(need + 0.999)),
+                 object_store_memory=store_mb * 2**20 if store_mb else None,
                  include_dashboard=False, log_to_driver=True)
     return True
 
@@ -76,9 +79,12 @@ def _check_resources(cfg: JobConfig, gpus: float) -> None:
 class InferenceActor:
     """Holds one model on its device (loaded once) and predicts whole blocks, tiles batched."""
 
-    def __init__(self, model, device: str, batch_size: int, autocast: str):
+    def __init__(self, model, device: str, batch_size: int, autocast: str, threads: int = 1):
+        import torch
+
         from geoseg.infer import Predictor
 
+        torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor, no more
         self.predictor = Predictor(model, device, batch_size, autocast)
 
     def predict(self, plan: ScenePlan, row: int, col: int, read) -> BlockResult:
@@ -99,6 +105,7 @@ class InferenceActor:
 
 def _read(plan: ScenePlan, row: int, col: int):
     block = plan.grid.block(row, col)
+    release_free_memory()
     try:
         return read_block(plan, block)
     except Exception as e:
@@ -106,9 +113,15 @@ def _read(plan: ScenePlan, row: int, col: int):
 
 
 def _finish(plan: ScenePlan, row: int, col: int, result: BlockResult | None, cfg: JobConfig) -> BlockResult:
+    release_free_memory()
     if result is not None and result.error is not None:
         return result
     return finish_block(plan, plan.grid.block(row, col), result, cfg)
+
+
+# Buffers of a block's size (MBs) are mmap'd and unmapped on free instead of staying in glibc's arenas, which
+# otherwise keep a buffer of every block shape seen and grow a long run's memory.
+_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
 def _gpus_per_worker(cfg: JobConfig) -> float:
@@ -136,9 +149,11 @@ def ray_engine(plans: list[ScenePlan], items: list[WorkItem], cfg: JobConfig, mo
             _check_resources(cfg, gpus)
             model_ref = ray.put(model)  # the weights travel once through the object store, not per block
             actor_cls = InferenceActor.options(
-                num_cpus=rt.cpus_per_worker, num_gpus=gpus, max_restarts=-1, max_task_retries=-1
+                num_cpus=rt.cpus_per_worker, num_gpus=gpus, max_restarts=-1, max_task_retries=-1,
+                runtime_env={"env_vars": _WORKER_ENV},
             )
-            actors = [actor_cls.remote(model_ref, rt.device, rt.batch_size, cfg.model.autocast)
+            threads = max(1, int(rt.cpus_per_worker))
+            actors = [actor_cls.remote(model_ref, rt.device, rt.batch_size, cfg.model.autocast, threads)
                       for _ in range(rt.workers)]
             load = {i: 0 for i in range(len(actors))}
             log.info("%d inference workers, %.2f GPU each", len(actors), gpus)

@@ -73,6 +73,8 @@ __all__ = [
     "to_map_coords",
     "polygon_table",
     "simplify_coverage",
+    "simplify_polygons",
+    "densify_px",
     "simplify_tolerance",
     "block_windows",
     "read_class_names",
@@ -829,15 +831,17 @@ def _clean_rings(v: np.ndarray, ring: np.ndarray, n_rings: int) -> tuple[np.ndar
     v, ring = v[keep], ring[keep]
     counts = np.bincount(ring, minlength=n_rings)
     off = _offsets(counts)
+    # Rotate each ring to its lowest (row, col) vertex; it is never a pinch, so it occurs once per ring.
     key = (v[:, 1] << _COORD_BITS) | v[:, 0]
-    pos = np.arange(len(v)) - off[ring]
-    by = np.lexsort((key, ring))
-    min_pos = np.empty(n_rings, dtype=np.int64)
-    min_pos[ring[by[off[:-1]]]] = pos[by[off[:-1]]]
-    rot = (pos - min_pos[ring]) % counts[ring]
-    v = v[np.lexsort((rot, ring))]
-    closed = np.insert(v, off[1:], v[off[:-1]], axis=0)
-    return closed, counts + 1
+    low = np.minimum.reduceat(key, off[:-1])
+    first = np.flatnonzero(key == low[ring])
+    start = first - off[:-1]
+    # closed ring r: positions 0..n_r, source index off[r] + (start[r] + j) % n_r
+    n_closed = counts + 1
+    j = np.arange(int(n_closed.sum())) - np.repeat(_offsets(n_closed)[:-1], n_closed)
+    r = np.repeat(np.arange(n_rings), n_closed)
+    closed = v[off[r] + (start[r] + j) % counts[r]]
+    return closed, n_closed
 
 
 # ------------------------------------------------------------------------------------------------ sieve
@@ -1079,7 +1083,7 @@ def to_map_coords(polys: PolygonSet, transform: Affine) -> np.ndarray:
 
 def polygon_table(
     polys: PolygonSet,
-    geoms: np.ndarray,
+    geoms: np.ndarray | None = None,
     *,
     transform: Affine,
     crs: Any,
@@ -1088,8 +1092,13 @@ def polygon_table(
     model: str | None = None,
     model_version: str | None = None,
     pixel_exact: bool = True,
-) -> dict[str, np.ndarray]:
-    """Attribute columns for ``polys`` whose map geometries are ``geoms``.
+    arrow_strings: bool = False,
+) -> dict[str, Any]:
+    """Attribute columns for ``polys``; ``geoms`` are their map geometries, needed only when they are no longer
+    the pixel polygons (``pixel_exact=False``, after simplification).
+
+    Numpy arrays; with ``arrow_strings`` the string columns are pyarrow dictionary arrays instead (no
+    per-row Python objects; the writers take both).
 
     ``area_m2`` / ``perimeter_m``: in a projected CRS planar, converted from the CRS's linear unit; in a
     geographic CRS on the CRS's ellipsoid: the perimeter is the sum of geodesic edge lengths
@@ -1116,21 +1125,34 @@ def polygon_table(
         if pixel_exact:
             det = abs(transform.a * transform.e - transform.b * transform.d)
             area = _pixel_areas(polys) * det * k * k
+            perim = _planar_perimeters(polys, transform) * k
         else:
             area = shapely.area(geoms) * k * k
-        perim = shapely.length(geoms) * k
-    names = np.array([class_name(int(c), class_names) for c in range(256)], dtype=object)
-    cols: dict[str, np.ndarray] = {
+            perim = shapely.length(geoms) * k
+    names = [class_name(c, class_names) for c in range(256)]
+    if arrow_strings:
+        import pyarrow as pa
+
+        def const(v: str | None) -> Any:
+            return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([v], pa.string()))
+
+        cname: Any = pa.DictionaryArray.from_arrays(pa.array(polys.class_ids.astype(np.int32)), pa.array(names))
+    else:
+
+        def const(v: str | None) -> Any:
+            return np.full(n, v, dtype=object)
+
+        cname = np.array(names, dtype=object)[polys.class_ids.astype(np.int64)]
+    return {
         "polygon_id": polys.polygon_ids.astype(np.int64),
         "class_id": polys.class_ids.astype(np.uint8),
-        "class_name": names[polys.class_ids.astype(np.int64)],
+        "class_name": cname,
         "area_m2": np.asarray(area, dtype=np.float64),
         "perimeter_m": np.asarray(perim, dtype=np.float64),
-        "scene": np.full(n, scene, dtype=object),
-        "model": np.full(n, model, dtype=object),
-        "model_version": np.full(n, model_version, dtype=object),
+        "scene": const(scene),
+        "model": const(model),
+        "model_version": const(model_version),
     }
-    return cols
 
 
 def _segments(polys: PolygonSet) -> tuple[np.ndarray, np.ndarray]:
@@ -1142,11 +1164,26 @@ def _segments(polys: PolygonSet) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pixel_areas(polys: PolygonSet) -> np.ndarray:
-    """Exact pixel counts (shoelace in integer pixel coordinates)."""
-    seg, seg_poly = _segments(polys)
-    c = polys.coords.astype(np.int64)
-    cross = c[seg, 0] * c[seg + 1, 1] - c[seg + 1, 0] * c[seg, 1]
-    return np.abs(np.bincount(seg_poly, weights=cross, minlength=len(polys))) / 2
+    """Exact pixel counts (shoelace in integer pixel coordinates, holes subtract by their orientation)."""
+    if not len(polys):
+        return np.zeros(0)
+    x = polys.coords[:, 0].astype(np.int64)
+    y = polys.coords[:, 1].astype(np.int64)
+    cross = np.zeros(len(x), dtype=np.int64)
+    cross[:-1] = x[:-1] * y[1:] - x[1:] * y[:-1]
+    cross[polys.ring_offsets[1:] - 1] = 0  # a ring's closing vertex does not start a segment
+    return np.abs(np.add.reduceat(cross, polys.ring_offsets[polys.poly_offsets[:-1]])) / 2
+
+
+def _planar_perimeters(polys: PolygonSet, transform: Affine) -> np.ndarray:
+    """Boundary length (exterior and holes) in map units."""
+    if not len(polys):
+        return np.zeros(0)
+    xy = polys.map_coords(transform)
+    seg = np.zeros(len(xy))
+    seg[:-1] = np.hypot(xy[1:, 0] - xy[:-1, 0], xy[1:, 1] - xy[:-1, 1])
+    seg[polys.ring_offsets[1:] - 1] = 0  # a ring's closing vertex does not start a segment
+    return np.add.reduceat(seg, polys.ring_offsets[polys.poly_offsets[:-1]])
 
 
 def _cell_area_geographic(polys: PolygonSet, transform: Affine, pcrs) -> np.ndarray:
@@ -1179,12 +1216,41 @@ def _geodesic_perimeters(polys: PolygonSet, transform: Affine, geod) -> np.ndarr
 # ---------------------------------------------------------------------------------------- simplify
 
 
+def densify_px(polys: PolygonSet) -> PolygonSet:
+    """Put a vertex at every pixel corner along every edge (exact integers).
+
+    GDAL's polygons have vertices only where a boundary turns, so a straight edge of one polygon can meet
+    several neighbours (T-junctions) and the coverage is not edge-matched, which ``coverage_simplify``
+    requires. Pixel corners are the same points for every polygon whichever batch it is in.
+    """
+    if not len(polys):
+        return polys
+    c = polys.coords.astype(np.int64)
+    closing = np.zeros(len(c), dtype=bool)
+    closing[polys.ring_offsets[1:] - 1] = True
+    step = np.zeros_like(c)
+    step[:-1] = np.sign(c[1:] - c[:-1])
+    step[closing] = 0
+    count = np.ones(len(c), dtype=np.int64)
+    seg_len = np.zeros(len(c), dtype=np.int64)
+    seg_len[:-1] = np.abs(c[1:] - c[:-1]).sum(axis=1)
+    count[~closing] = seg_len[~closing]
+    src = np.repeat(np.arange(len(c)), count)
+    k = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    coords = (c[src] + step[src] * k[:, None]).astype(np.int32)
+    ring_of = np.repeat(np.arange(len(polys.ring_offsets) - 1), np.diff(polys.ring_offsets))
+    ring_len = np.bincount(ring_of, weights=count, minlength=len(polys.ring_offsets) - 1).astype(np.int64)
+    return PolygonSet(coords, _offsets(ring_len), polys.poly_offsets, polys.class_ids, polys.polygon_ids)
+
+
 def simplify_coverage(geoms: np.ndarray, tolerance: float) -> np.ndarray:
-    """``shapely.coverage_simplify`` of a set of polygons that tile without overlap (shared edges stay shared).
+    """``shapely.coverage_simplify`` of edge-matched polygons that tile without overlap (shared edges stay
+    shared; see ``densify_px``).
 
     ``tolerance`` is in the geometries' units. Edges that only one polygon of ``geoms`` has (the set's outer
     boundary: raster edge, nodata, polygons simplified in another batch) are kept exactly, so batches fit
-    together. 8-connected polygons pinch at single vertices (OGC-invalid); they are made valid first.
+    together. 8-connected polygons pinch at single vertices (OGC-invalid); they are made valid first, which
+    splits them into multipolygons at the pinches.
     """
     if tolerance <= 0 or len(geoms) == 0:
         return geoms
@@ -1193,6 +1259,11 @@ def simplify_coverage(geoms: np.ndarray, tolerance: float) -> np.ndarray:
         geoms = geoms.copy()
         geoms[~valid] = shapely.make_valid(geoms[~valid], method="structure", keep_collapsed=False)
     return shapely.coverage_simplify(geoms, tolerance, simplify_boundary=False)
+
+
+def simplify_polygons(polys: PolygonSet, transform: Affine, tolerance: float) -> np.ndarray:
+    """Finished polygons -> coverage-simplified map geometries (``tolerance`` in map units)."""
+    return simplify_coverage(to_map_coords(densify_px(polys), transform), tolerance)
 
 
 class _SimplifyBands:
@@ -1237,13 +1308,19 @@ class _SimplifyBands:
             out.append(PolygonSet.concat(self.held.pop(k, [])))
         for k in [k for k in self.held if k < 0]:
             out.append(PolygonSet.concat(self.held.pop(k)))
-        return [p for p in out if len(p)]
+        return [_sorted_by_id(p) for p in out if len(p)]
 
     def flush(self) -> list[PolygonSet]:
         out = [PolygonSet.concat(v) for k, v in sorted(self.held.items())]
         self.held.clear()
         self.done[:] = True
-        return [p for p in out if len(p)]
+        return [_sorted_by_id(p) for p in out if len(p)]
+
+
+def _sorted_by_id(polys: PolygonSet) -> PolygonSet:
+    """The same polygons in ``polygon_id`` order: GEOS simplifies edges in input order, so fix the order."""
+    order = np.argsort(polys.polygon_ids, kind="stable")
+    return polys.take(order)
 
 
 # ------------------------------------------------------------------------------------------- sink
@@ -1321,8 +1398,10 @@ class PolygonSink:
         self.count = 0
         rows, cols = self.shape
         t = transform
-        corners = np.array([t * (0, 0), t * (cols, 0), t * (0, rows), t * (cols, rows)])
-        extent = (corners[:, 0].min(), corners[:, 1].min(), corners[:, 0].max(), corners[:, 1].max())
+        cx = np.array([0, cols, 0, cols], dtype=np.float64)
+        cy = np.array([0, 0, rows, rows], dtype=np.float64)
+        xs, ys = t.a * cx + t.b * cy + t.c, t.d * cx + t.e * cy + t.f
+        extent = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
         pal = palette or default_palette(len(self.class_names) or 16)
         self.writers = {}
         try:
@@ -1356,21 +1435,24 @@ class PolygonSink:
     def _write(self, polys: PolygonSet, *, pixel_exact: bool) -> int:
         if not len(polys):
             return 0
-        geoms = to_map_coords(polys, self.transform)
-        if not pixel_exact:
-            geoms = simplify_coverage(geoms, self.tolerance)
+        from geoseg.write.vectors import FeatureBatch
+
+        geoms = None if pixel_exact else simplify_polygons(polys, self.transform, self.tolerance)
         if self.keep is not None:
             sel = np.isin(polys.class_ids, np.fromiter(self.keep, dtype=np.int64))
-            polys, geoms = polys.take(sel), geoms[sel]
+            polys = polys.take(sel)
+            geoms = None if geoms is None else geoms[sel]
             if not len(polys):
                 return 0
         cols = polygon_table(
             polys, geoms, transform=self.transform, crs=self.crs, class_names=self.class_names,
-            pixel_exact=pixel_exact, **self.meta,
+            pixel_exact=pixel_exact, arrow_strings=True, **self.meta,
         )
-        from geoseg.write.vectors import FeatureBatch
-
-        batch = FeatureBatch(geoms, cols)
+        if geoms is None:  # exact pixel polygons: WKB and bboxes straight from the arrays
+            batch = FeatureBatch.from_ragged(polys.map_coords(self.transform), polys.ring_offsets,
+                                             polys.poly_offsets, cols)
+        else:
+            batch = FeatureBatch(geoms, cols)
         for w in self.writers.values():
             w.write(batch)
         self.count += len(polys)
@@ -1424,27 +1506,29 @@ def read_palette(ds: rasterio.DatasetReader, n_classes: int) -> dict[int, tuple[
         cmap = None
     if not cmap:
         return default_palette(n_classes or 16)
-    limit = n_classes if n_classes else 255
-    return {int(k): tuple(int(c) for c in v) for k, v in cmap.items() if int(k) < limit}
+    if n_classes:
+        return {int(k): tuple(int(c) for c in v) for k, v in cmap.items() if int(k) < n_classes}
+    # no class list: the entries the table actually sets (GDAL pads tables with transparent black)
+    return {int(k): tuple(int(c) for c in v) for k, v in cmap.items() if int(k) < 255 and tuple(v) != (0, 0, 0, 0)}
 
 
 # ------------------------------------------------------------------------------------- vectorize_file
 
 
-@dataclass
-class VectorizeResult:
-    """What ``vectorize_file`` wrote."""
+class VectorizeResult(list):
+    """What ``vectorize_file`` wrote: a list of the written paths, plus ``paths`` ({format: path}),
+    ``polygons`` (features written), ``blocks`` and ``seconds``."""
 
-    paths: dict[str, Path]
-    polygons: int
-    blocks: int
-    seconds: float
+    def __init__(self, paths: dict[str, Path], polygons: int, blocks: int, seconds: float):
+        super().__init__(paths.values())
+        self.paths = paths
+        self.polygons = polygons
+        self.blocks = blocks
+        self.seconds = seconds
 
-    def __iter__(self):  # ``for p in vectorize_file(...)`` walks the written paths
-        return iter(self.paths.values())
-
-    def __len__(self) -> int:
-        return len(self.paths)
+    def __repr__(self) -> str:
+        return (f"VectorizeResult(paths={self.paths!r}, polygons={self.polygons}, blocks={self.blocks}, "
+                f"seconds={self.seconds:.2f})")
 
 
 _WORKER_DS: dict[str, rasterio.DatasetReader] = {}

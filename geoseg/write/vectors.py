@@ -18,7 +18,6 @@ import os
 import sqlite3
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -27,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
+import shapely.geometry
 
 from geoseg.errors import InputError, OutputError
 
@@ -46,15 +46,93 @@ __all__ = [
 FORMATS = ("parquet", "gpkg", "geojson", "geojsonseq")
 
 
-@dataclass
 class FeatureBatch:
-    """Shapely geometries (object array, in the writer's source CRS) and attribute columns of equal length."""
+    """Polygons (in the writer's source CRS) and attribute columns of equal length.
 
-    geometry: np.ndarray
-    columns: dict[str, np.ndarray]
+    Built either from shapely geometries (``FeatureBatch(geoms, columns)``) or, without any per-feature Python
+    objects, from ragged polygon arrays (``FeatureBatch.from_ragged``); WKB, bounding boxes and shapely
+    geometries are derived lazily from whichever is given. Columns are numpy or pyarrow arrays.
+    """
+
+    def __init__(self, geometry: np.ndarray | None, columns: dict[str, Any], *,
+                 ragged: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
+        if geometry is None and ragged is None:
+            raise InputError("a FeatureBatch needs geometries or ragged polygon arrays")
+        self._geometry = geometry
+        self._ragged = ragged
+        self.columns = columns
+        self._wkb: pa.Array | None = None
+        self._bounds: np.ndarray | None = None
+
+    @classmethod
+    def from_ragged(cls, coords: np.ndarray, ring_offsets: np.ndarray, poly_offsets: np.ndarray,
+                    columns: dict[str, Any]) -> FeatureBatch:
+        """Polygons as shapely's ``from_ragged_array`` layout: float (N, 2) coords, closed rings."""
+        return cls(None, columns, ragged=(np.ascontiguousarray(coords, dtype=np.float64),
+                                          np.asarray(ring_offsets, np.int64), np.asarray(poly_offsets, np.int64)))
 
     def __len__(self) -> int:
-        return len(self.geometry)
+        return len(self._geometry) if self._geometry is not None else len(self._ragged[2]) - 1
+
+    @property
+    def geometry(self) -> np.ndarray:
+        """Shapely geometries (object array)."""
+        if self._geometry is None:
+            coords, ring_off, poly_off = self._ragged
+            self._geometry = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_off, poly_off))
+        return self._geometry
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """(n, 4) xmin, ymin, xmax, ymax."""
+        if self._bounds is None:
+            if self._ragged is not None:
+                coords, ring_off, poly_off = self._ragged
+                starts = ring_off[poly_off[:-1]]  # a polygon's exterior holds its holes
+                self._bounds = np.column_stack([
+                    np.minimum.reduceat(coords[:, 0], starts), np.minimum.reduceat(coords[:, 1], starts),
+                    np.maximum.reduceat(coords[:, 0], starts), np.maximum.reduceat(coords[:, 1], starts),
+                ]) if len(starts) else np.zeros((0, 4))
+            else:
+                self._bounds = shapely.bounds(self._geometry)
+        return self._bounds
+
+    @property
+    def wkb(self) -> pa.Array:
+        """ISO WKB (little-endian, 2D) as an Arrow binary array."""
+        if self._wkb is None:
+            if self._ragged is not None:
+                self._wkb = wkb_polygons(*self._ragged)
+            else:
+                self._wkb = pa.array(shapely.to_wkb(self._geometry, output_dimension=2), type=pa.binary())
+        return self._wkb
+
+    def geometry_types(self) -> set[str]:
+        if self._geometry is None:
+            return {"Polygon"}
+        return {_GEOM_NAMES.get(int(t), "Unknown") for t in np.unique(shapely.get_type_id(self._geometry))}
+
+    def take(self, idx: np.ndarray) -> FeatureBatch:
+        """Rows ``idx`` (geometry, columns, and any derived WKB/bounds already computed)."""
+        out = FeatureBatch(self.geometry[idx] if self._ragged is None else None,
+                           {k: _take_col(v, idx) for k, v in self.columns.items()},
+                           ragged=None if self._ragged is None else _take_ragged(self._ragged, idx))
+        return out
+
+    @classmethod
+    def concat(cls, batches: list[FeatureBatch]) -> FeatureBatch:
+        if len(batches) == 1:
+            return batches[0]
+        names = list(batches[0].columns)
+        cols = {k: _concat_col([b.columns[k] for b in batches]) for k in names}
+        if all(b._ragged is not None for b in batches):
+            coords = np.concatenate([b._ragged[0] for b in batches])
+            n_coords = np.cumsum([0] + [len(b._ragged[0]) for b in batches[:-1]])
+            n_rings = np.cumsum([0] + [len(b._ragged[1]) - 1 for b in batches[:-1]])
+            ring_off = np.concatenate([[0]] + [b._ragged[1][1:] + k for b, k in zip(batches, n_coords)])
+            poly_off = np.concatenate([[0]] + [b._ragged[2][1:] + k for b, k in zip(batches, n_rings)])
+            return cls(None, cols, ragged=(coords, ring_off, poly_off))
+        return cls(np.concatenate([b.geometry for b in batches]), cols)
 
     @classmethod
     def coerce(cls, obj: Any) -> FeatureBatch:
@@ -66,6 +144,73 @@ class FeatureBatch:
             return cls(geom, cols)
         except AttributeError:
             raise InputError(f"vector writers take a FeatureBatch or a GeoDataFrame, got {type(obj).__name__}") from None
+
+
+def _take_ragged(ragged: tuple[np.ndarray, np.ndarray, np.ndarray], idx: np.ndarray):
+    coords, ring_off, poly_off = ragged
+    idx = np.asarray(idx, dtype=np.int64)
+    r0 = poly_off[idx]
+    nr = poly_off[idx + 1] - r0
+    rings = _ranges(r0, nr)
+    c0 = ring_off[rings]
+    nc = ring_off[rings + 1] - c0
+    return coords[_ranges(c0, nc)], _offsets(nc), _offsets(nr)
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = np.asarray(starts, dtype=np.int64) - (np.cumsum(counts) - counts)
+    return np.repeat(shift, counts) + np.arange(total, dtype=np.int64)
+
+
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+def wkb_polygons(coords: np.ndarray, ring_offsets: np.ndarray, poly_offsets: np.ndarray) -> pa.Array:
+    """ISO WKB of polygons given as ragged arrays, built with numpy straight into an Arrow binary array.
+
+    Per polygon: byte order (1 = little-endian), type 3 (uint32), ring count (uint32), then per ring its point
+    count (uint32) and the points as float64 x, y. The headers are spliced between the coordinate bytes.
+    """
+    n_poly = len(poly_offsets) - 1
+    if n_poly == 0:
+        return pa.array([], type=pa.binary())
+    ring_n = np.diff(ring_offsets)
+    rings_per = np.diff(poly_offsets)
+    coord_bytes = np.ascontiguousarray(coords, dtype="<f8").view(np.uint8).ravel()
+    poly_hdr = np.empty((n_poly, 9), dtype=np.uint8)
+    poly_hdr[:, 0] = 1
+    poly_hdr[:, 1:5] = np.full(n_poly, 3, dtype="<u4").view(np.uint8).reshape(-1, 4)
+    poly_hdr[:, 5:9] = rings_per.astype("<u4").view(np.uint8).reshape(-1, 4)
+    ring_hdr = ring_n.astype("<u4").view(np.uint8).reshape(-1, 4)
+    # Insert each header just before the coordinates of its (first) ring; a polygon's header precedes its
+    # first ring's header because it comes first in ``values`` and np.insert keeps that order for ties.
+    first_ring = poly_offsets[:-1]
+    item_pos = np.concatenate([ring_offsets[first_ring] * 16, ring_offsets[:-1] * 16])
+    item_kind = np.concatenate([np.zeros(n_poly, np.int8), np.ones(len(ring_n), np.int8)])
+    order = np.lexsort((item_kind, item_pos))
+    item_len = np.where(item_kind == 0, 9, 4)[order]
+    items = [poly_hdr, ring_hdr]
+    hdr_rows = np.concatenate([np.arange(n_poly), np.arange(len(ring_n))])[order]
+    kinds = item_kind[order]
+    hdr_bytes = np.empty(int(item_len.sum()), dtype=np.uint8)
+    pos_in_hdr = _offsets(item_len)[:-1]
+    for kind, width in ((0, 9), (1, 4)):
+        sel = np.flatnonzero(kinds == kind)
+        dest = (pos_in_hdr[sel][:, None] + np.arange(width)).ravel()
+        hdr_bytes[dest] = items[kind][hdr_rows[sel]].ravel()
+    data = np.insert(coord_bytes, np.repeat(item_pos[order], item_len), hdr_bytes)
+    size = 9 + np.add.reduceat(4 + 16 * ring_n, first_ring)
+    offsets = _offsets(size)
+    return pa.Array.from_buffers(pa.binary() if offsets[-1] < 2**31 else pa.large_binary(), n_poly,
+                                 [None, pa.py_buffer(offsets.astype(np.int32 if offsets[-1] < 2**31 else np.int64)),
+                                  pa.py_buffer(data)])
 
 
 def _temp_path(path: Path) -> Path:
@@ -183,13 +328,36 @@ def hilbert_index(x: np.ndarray, y: np.ndarray, extent: tuple[float, float, floa
     return d.astype(np.uint64)
 
 
-def _arrow_column(values: np.ndarray) -> pa.Array:
+def _is_arrow(col: Any) -> bool:
+    return isinstance(col, (pa.Array, pa.ChunkedArray))
+
+
+def _concat_col(parts: list[Any]) -> Any:
+    if _is_arrow(parts[0]):
+        return pa.concat_arrays([_arrow_column(p) for p in parts])
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
+def _take_col(col: Any, idx: np.ndarray) -> Any:
+    return col.take(pa.array(idx)) if _is_arrow(col) else np.asarray(col)[idx]
+
+
+def _col_list(col: Any) -> list:
+    return col.to_pylist() if _is_arrow(col) else np.asarray(col).tolist()
+
+
+def _arrow_column(values: Any) -> pa.Array:
+    if _is_arrow(values):
+        arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        return arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr
     values = np.asarray(values)
     if values.dtype == object or values.dtype.kind == "U":
-        try:
-            return pa.array(values, type=pa.string())  # C conversion; None -> null
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            return pa.array([None if v is None else str(v) for v in values.tolist()], type=pa.string())
+        # Attribute strings repeat (class names, scene, model): encode each distinct value once.
+        seen: dict[Any, int] = {}
+        codes = np.fromiter((seen.setdefault(v, len(seen)) for v in values.tolist()), dtype=np.int32,
+                            count=len(values))
+        uniques = [None if v is None else str(v) for v in seen]
+        return pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(uniques, type=pa.string())).dictionary_decode()
     return pa.array(values)
 
 
@@ -217,7 +385,7 @@ class GeoParquetWriter(VectorWriter):
         self.extent = extent
         self.row_group_rows = int(row_group_rows)
         self.compression = compression
-        self._buf: list[tuple[FeatureBatch, np.ndarray]] = []
+        self._buf: list[FeatureBatch] = []
         self._buf_rows = 0
         self._writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
@@ -225,13 +393,13 @@ class GeoParquetWriter(VectorWriter):
         self._bbox = [np.inf, np.inf, -np.inf, -np.inf]
 
     def _write(self, batch: FeatureBatch) -> None:
-        bounds = shapely.bounds(batch.geometry)
-        self._types.update(_GEOM_NAMES.get(int(t), "Unknown") for t in np.unique(shapely.get_type_id(batch.geometry)))
+        bounds = batch.bounds
+        self._types.update(batch.geometry_types())
         self._bbox = [
             min(self._bbox[0], float(bounds[:, 0].min())), min(self._bbox[1], float(bounds[:, 1].min())),
             max(self._bbox[2], float(bounds[:, 2].max())), max(self._bbox[3], float(bounds[:, 3].max())),
         ]
-        self._buf.append((batch, bounds))
+        self._buf.append(batch)
         self._buf_rows += len(batch)
         while self._buf_rows >= self.row_group_rows:
             self._flush(self.row_group_rows)
@@ -240,23 +408,21 @@ class GeoParquetWriter(VectorWriter):
         """Write up to ``limit`` buffered rows as one row group, Hilbert-sorted by bounding-box centre."""
         if not self._buf:
             return
-        names = list(self._buf[0][0].columns)
-        geoms = np.concatenate([b.geometry for b, _ in self._buf])
-        bounds = np.concatenate([bb for _, bb in self._buf])
-        cols = {k: np.concatenate([np.asarray(b.columns[k]) for b, _ in self._buf]) for k in names}
+        batch = FeatureBatch.concat(self._buf)
         self._buf = []
-        if limit is not None and len(geoms) > limit:
-            rest = FeatureBatch(geoms[limit:], {k: v[limit:] for k, v in cols.items()})
-            self._buf = [(rest, bounds[limit:])]
-            geoms, bounds, cols = geoms[:limit], bounds[:limit], {k: v[:limit] for k, v in cols.items()}
-        self._buf_rows = sum(len(b) for b, _ in self._buf)
+        if limit is not None and len(batch) > limit:
+            self._buf = [batch.take(np.arange(limit, len(batch)))]
+            batch = batch.take(np.arange(limit))
+        self._buf_rows = sum(len(b) for b in self._buf)
+        bounds = batch.bounds
         cx = (bounds[:, 0] + bounds[:, 2]) / 2
         cy = (bounds[:, 1] + bounds[:, 3]) / 2
         extent = self.extent or (cx.min(), cy.min(), cx.max(), cy.max())
         order = np.argsort(hilbert_index(cx, cy, extent), kind="stable")
-        bounds = bounds[order]
-        arrays = {k: _arrow_column(v[order]) for k, v in cols.items()}
-        arrays["geometry"] = pa.array(shapely.to_wkb(geoms[order], output_dimension=2), type=pa.binary())
+        batch = batch.take(order)
+        bounds = batch.bounds
+        arrays = {k: _arrow_column(v) for k, v in batch.columns.items()}
+        arrays["geometry"] = batch.wkb
         arrays["bbox"] = pa.StructArray.from_arrays(
             [pa.array(bounds[:, i], type=pa.float64()) for i in range(4)], names=["xmin", "ymin", "xmax", "ymax"]
         )
@@ -345,13 +511,12 @@ class GeoJSONWriter(VectorWriter):
         return shapely.orient_polygons(out, exterior_cw=False)
 
     def _write(self, batch: FeatureBatch) -> None:
-        geo = shapely.to_geojson(self._lonlat(batch.geometry))
-        cols = {k: np.asarray(v) for k, v in batch.columns.items()}
-        names = list(cols)
-        lists = [cols[k].tolist() for k in names]
-        ids = cols[self.id_column].tolist() if self.id_column in cols else None
+        geo = _geojson_geometries(self._lonlat(batch.geometry))
+        names = list(batch.columns)
+        lists = [_col_list(batch.columns[k]) for k in names]
+        ids = _col_list(batch.columns[self.id_column]) if self.id_column in batch.columns else None
         parts = []
-        for i, g in enumerate(geo.tolist()):
+        for i, g in enumerate(geo):
             props = json.dumps(dict(zip(names, (lst[i] for lst in lists))), separators=(",", ":"),
                                allow_nan=False, default=str)
             fid = "" if ids is None else f'"id":{json.dumps(ids[i])},'
@@ -370,6 +535,35 @@ class GeoJSONWriter(VectorWriter):
 
     def _release(self) -> None:
         self._fh.close()
+
+
+def _as_lists(obj: Any) -> Any:
+    if isinstance(obj, (list, tuple)):
+        return [_as_lists(o) for o in obj]
+    return obj
+
+
+def _geojson_geometries(geoms: np.ndarray) -> list[str]:
+    """GeoJSON geometry members for already rounded lon/lat geometries.
+
+    Python's float repr is the shortest string that reads back the same double, so a value rounded to 7
+    decimals prints with at most 7 (GEOS's writer prints up to 17 significant digits instead).
+    """
+    out: list[str] = [""] * len(geoms)
+    types = shapely.get_type_id(geoms)
+    poly = np.flatnonzero(types == 3)
+    if len(poly):
+        _, coords, (ring_off, geom_off) = shapely.to_ragged_array(geoms[poly])
+        clist = coords.tolist()
+        ro, go = ring_off.tolist(), geom_off.tolist()
+        for j, i in enumerate(poly.tolist()):
+            rings = [clist[ro[r] : ro[r + 1]] for r in range(go[j], go[j + 1])]
+            out[i] = '{"type":"Polygon","coordinates":' + json.dumps(rings, separators=(",", ":")) + "}"
+    for i in np.flatnonzero(types != 3).tolist():
+        gi = shapely.geometry.mapping(geoms[i])
+        out[i] = json.dumps({"type": gi["type"], "coordinates": _as_lists(gi["coordinates"])},
+                            separators=(",", ":"))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ GeoPackage
@@ -473,7 +667,7 @@ class GPKGWriter(VectorWriter):
 
     def _write(self, batch: FeatureBatch) -> None:
         arrays = {k: _arrow_column(v) for k, v in batch.columns.items()}
-        arrays["geom"] = pa.array(shapely.to_wkb(batch.geometry, output_dimension=2), type=pa.binary())
+        arrays["geom"] = batch.wkb
         self._buf.append(pa.table(arrays))
         self._buf_rows += len(batch)
         if self._buf_rows >= self.batch_rows:
