@@ -13,16 +13,18 @@ The pieces, in the order data flows through them (pure functions and small state
     polygons still touching them. A finished group's rings are re-chained exactly (below), so the output equals
     a single ``rasterio.features.shapes`` of the whole mask: same polygons, same vertices, same ring starts.
 ``sieve_block`` / ``sieve_array``  a minimum mapping unit that is identical block-wise and whole (see there).
-``simplify_coverage``  shapely's ``coverage_simplify`` on finished polygons (shared borders stay shared).
+``simplify_polygons``  shapely's ``coverage_simplify`` on finished polygons, noded at pixel corners first
+    (``densify_px``) so that neighbours share their edges vertex for vertex; shared borders stay shared.
 ``polygon_table`` / ``to_map_coords``  affine to map coordinates; ``class_id``, ``class_name``, ``area_m2``,
     ``perimeter_m`` (geodesic in a geographic CRS), ``scene``, ``model``, ``model_version``, ``polygon_id``.
-``PolygonSink``  the single-writer half: merger -> simplification bands -> class filter -> attributes -> writers.
+``PolygonSink``  the single-writer half: merger -> row bands released in raster order (``_Bands``: a canonical
+    output order and the simplification batches) -> simplification -> class filter -> attributes -> writers.
 ``vectorize_file``  ``geoseg vectorize MASK.tif --out FILE``: worker processes read and polygonize blocks, the
     parent merges and writes.
 
 Exact seam merge. GDAL traces every ring with the region on its left (exteriors counter-clockwise on screen,
 holes clockwise) and, at a pinch vertex (two diagonal pixels of the region), always turns right, for either
-connectivity (checked against it on thousands of random masks). A block's rings are therefore those of the
+connectivity (the tests check ring-for-ring equality on random masks). A block's rings are therefore those of the
 whole mask except at vertices on its edges, and at vertices where rings of two of its polygons meet (4-connected
 diagonal pixels that only the merge connects). Merging a group cuts its rings at such vertices, cancels the seam
 unit edges that appear in both directions (same-class pixels on both sides), re-chains the pieces with the
@@ -452,12 +454,7 @@ class SeamMerger:
         del self._groups[rb]
         return ra
 
-    # -- state for callers that batch finished polygons by position (simplification bands)
-    def open_group_rows(self) -> np.ndarray:
-        """Row of the first pixel of every open group (their ``polygon_id`` can only get smaller)."""
-        cols = self.shape[1]
-        return np.fromiter((g.key // cols for g in self._groups.values()), dtype=np.int64, count=len(self._groups))
-
+    # -- state for callers that batch finished polygons by position (row bands)
     def rows_complete_until(self) -> int:
         """All blocks of raster rows ``< this`` have been added."""
         full = self._seen_per_row == self._ncb
@@ -482,7 +479,9 @@ class SeamMerger:
     def add(self, block: BlockPolygons) -> PolygonSet:
         """Merge one block; return the polygons (of any blocks) that are now final."""
         if block.connectivity != self.connectivity:
-            raise InputError(f"block polygonized with connectivity {block.connectivity}, merger uses {self.connectivity}")
+            raise InputError(
+                f"block polygonized with connectivity {block.connectivity}, merger uses {self.connectivity}"
+            )
         bi, bj = self._block_index(block.window)
         b = bi * self._ncb + bj
         if b in self._seen:
@@ -781,7 +780,7 @@ def _merge_groups(
     signs = np.bincount(ring_id, weights=cross_v, minlength=len(lens_out))
     n_ext = np.bincount(group_out[signs < 0], minlength=n_groups)
     if (n_ext != 1).any() or (signs == 0).any():
-        raise RuntimeError(f"seam merge produced {n_ext.max()} exterior rings for a polygon (expected 1); this is a bug")
+        raise RuntimeError(f"seam merge produced {n_ext.max()} exterior rings for a polygon (expected 1): a bug")
     first_key = (coords[off[:-1], 1] << _COORD_BITS) | coords[off[:-1], 0]
     ring_order = np.lexsort((first_key, signs > 0, group_out))  # by group: exterior, then holes by start
     sel = _ranges(off[ring_order], lens_out[ring_order])
@@ -1266,59 +1265,54 @@ def simplify_polygons(polys: PolygonSet, transform: Affine, tolerance: float) ->
     return simplify_coverage(to_map_coords(densify_px(polys), transform), tolerance)
 
 
-class _SimplifyBands:
-    """Holds finished polygons until their row band is complete, so coverage simplification sees neighbours.
+class _Bands:
+    """Holds finished polygons until their row band is complete, then releases bands in raster order.
 
-    A polygon belongs to the band of its first pixel's row. A band is complete when every block intersecting
-    it was added and no open merge group starts in it. Bands are fixed rows of the raster (not blocks), so the
-    result does not depend on the block size or order; edges between polygons of different bands stay exact.
+    A polygon belongs to the band of its last (bottom) pixel row. Once every block of rows ``<= band end`` was
+    added, the merger has emitted all polygons of that band (a polygon ending above a seam is final when the
+    blocks below it are seen). Released bands are sorted by ``polygon_id``, so the output order -- and the
+    batches coverage simplification sees -- are the same for every block size and arrival order, and memory
+    holds about one band of polygons (a giant polygon that spans the raster belongs to the last band, so it
+    delays nothing). Bands are fixed raster rows (``band_px``), independent of the blocks.
     """
 
-    def __init__(self, rows: int, cols: int, band_px: int):
-        self.rows, self.cols = rows, cols
+    def __init__(self, rows: int, band_px: int):
+        self.rows = rows
         self.band_px = max(int(band_px), 1)
         self.n = max(1, -(-rows // self.band_px))
         self.held: dict[int, list[PolygonSet]] = collections.defaultdict(list)
-        self.done = np.zeros(self.n, dtype=bool)
+        self.next = 0  # first band not yet released
 
-    def add(self, polys: PolygonSet) -> None:
+    def add(self, polys: PolygonSet) -> list[PolygonSet]:
+        """Take finished polygons; returns any that belong to an already released band (blocks that
+        never arrived until ``finish``), to be written as they are."""
         if not len(polys):
-            return
-        band = (polys.polygon_ids // self.cols) // self.band_px
-        for k in np.unique(band).tolist():
-            sub = polys.take(band == k)
-            if self.done[k]:  # cannot happen with a consistent merger; simplify it on its own
-                self.held[-1 - k].append(sub)
-            else:
-                self.held[k].append(sub)
-
-    def ready(self, merger: SeamMerger | None) -> list[PolygonSet]:
-        if merger is None:
             return []
-        complete_rows = merger.rows_complete_until()
-        open_rows = merger.open_group_rows()
+        bottom = np.maximum.reduceat(polys.coords[:, 1], polys.ring_offsets[polys.poly_offsets[:-1]]) - 1
+        band = np.minimum(bottom.astype(np.int64) // self.band_px, self.n - 1)
+        late = []
+        for k in np.unique(band).tolist():
+            sub = polys.take(band == k) if len(polys) and (band != k).any() else polys
+            (late.append(sub) if k < self.next else self.held[k].append(sub))
+        return late
+
+    def ready(self, rows_complete: int) -> list[PolygonSet]:
+        """Complete bands, in order (``rows_complete``: all blocks of rows below it were added)."""
         out = []
-        for k in range(self.n):
-            if self.done[k]:
-                continue
-            lo, hi = k * self.band_px, min((k + 1) * self.band_px, self.rows)
-            if complete_rows < hi or ((open_rows >= lo) & (open_rows < hi)).any():
-                continue
-            self.done[k] = True
-            out.append(PolygonSet.concat(self.held.pop(k, [])))
-        for k in [k for k in self.held if k < 0]:
-            out.append(PolygonSet.concat(self.held.pop(k)))
-        return [_sorted_by_id(p) for p in out if len(p)]
+        while self.next < self.n:
+            hi = min((self.next + 1) * self.band_px, self.rows)
+            if not (rows_complete > hi or rows_complete >= self.rows):
+                break
+            out.append(_sorted_by_id(PolygonSet.concat(self.held.pop(self.next, []))))
+            self.next += 1
+        return [p for p in out if len(p)]
 
     def flush(self) -> list[PolygonSet]:
-        out = [PolygonSet.concat(v) for k, v in sorted(self.held.items())]
-        self.held.clear()
-        self.done[:] = True
-        return [_sorted_by_id(p) for p in out if len(p)]
+        return self.ready(self.rows)
 
 
 def _sorted_by_id(polys: PolygonSet) -> PolygonSet:
-    """The same polygons in ``polygon_id`` order: GEOS simplifies edges in input order, so fix the order."""
+    """The same polygons in ``polygon_id`` order (a canonical order; GEOS simplifies edges in input order)."""
     order = np.argsort(polys.polygon_ids, kind="stable")
     return polys.take(order)
 
@@ -1362,7 +1356,10 @@ class PolygonSink:
 
     Feed it ``BlockPolygons`` in any order with ``add``; ``finish`` publishes every output atomically and
     returns ``{format: path}``; ``abort`` removes the temporary files. ``outputs`` maps formats
-    (parquet, gpkg, geojson, geojsonseq) to paths.
+    (parquet, gpkg, geojson, geojsonseq) to paths. Polygons are written in row bands of ``band_px`` raster
+    rows, each sorted by ``polygon_id`` (see ``_Bands``): the files are byte-identical for every block size and
+    arrival order, and simplification is partition-invariant (edges between polygons of different bands are
+    kept exact, so bands fit together without gaps).
     """
 
     def __init__(
@@ -1380,7 +1377,7 @@ class PolygonSink:
         scene: str | None = None,
         model: str | None = None,
         model_version: str | None = None,
-        simplify_band_px: int = 4096,
+        band_px: int = 2048,
         overwrite: bool = True,
     ):
         from geoseg.write.vectors import open_vector_writer
@@ -1394,7 +1391,7 @@ class PolygonSink:
         self.keep = resolve_classes(cfg.include_classes, cfg.exclude_classes, self.class_names)
         self.tolerance = simplify_tolerance(cfg.simplify_tolerance_m, crs) if cfg.simplify_tolerance_m > 0 else 0.0
         self.merger = SeamMerger(self.shape, block_px=block_px, windows=windows, connectivity=cfg.connectivity)
-        self.bands = _SimplifyBands(self.shape[0], self.shape[1], simplify_band_px) if self.tolerance else None
+        self.bands = _Bands(self.shape[0], band_px)
         self.count = 0
         rows, cols = self.shape
         t = transform
@@ -1424,18 +1421,19 @@ class PolygonSink:
     def add(self, block: BlockPolygons) -> int:
         """Merge one block and write what became final; returns the number of polygons written."""
         final = self.merger.add(block)
-        return self._route(final)
+        return self._route(final, self.merger.rows_complete_until())
 
-    def _route(self, final: PolygonSet) -> int:
-        if self.bands is None:
-            return self._write(final, pixel_exact=True)
-        self.bands.add(final)
-        return sum(self._write(p, pixel_exact=False) for p in self.bands.ready(self.merger))
+    def _route(self, final: PolygonSet, rows_complete: int) -> int:
+        n = sum(self._write(p) for p in self.bands.add(final))
+        return n + sum(self._write(p) for p in self.bands.ready(rows_complete))
 
-    def _write(self, polys: PolygonSet, *, pixel_exact: bool) -> int:
+    def _write(self, polys: PolygonSet) -> int:
+        """Simplify (optional), filter classes, attribute and write one released band."""
         if not len(polys):
             return 0
         from geoseg.write.vectors import FeatureBatch
+
+        pixel_exact = not self.tolerance
 
         geoms = None if pixel_exact else simplify_polygons(polys, self.transform, self.tolerance)
         if self.keep is not None:
@@ -1461,9 +1459,7 @@ class PolygonSink:
     def finish(self) -> dict[str, Path]:
         """Write the remaining polygons and publish every output; returns ``{format: path}``."""
         try:
-            n = self._route(self.merger.finish())
-            if self.bands is not None:
-                n += sum(self._write(p, pixel_exact=False) for p in self.bands.flush())
+            self._route(self.merger.finish(), self.shape[0])
             return {fmt: w.close() for fmt, w in self.writers.items()}
         except BaseException:
             self.abort()
@@ -1562,7 +1558,7 @@ def vectorize_file(
     model: str | None = None,
     model_version: str | None = None,
     overwrite: bool = True,
-    simplify_band_px: int = 4096,
+    band_px: int = 2048,
     mp_context: str | None = None,
 ) -> VectorizeResult:
     """Polygonize a class mask GeoTIFF into ``out`` (a file whose suffix names the format, or a directory that
@@ -1596,7 +1592,7 @@ def vectorize_file(
     sink = PolygonSink(
         paths, shape=shape, transform=transform, crs=crs, cfg=cfg, block_px=block_px, class_names=names,
         palette=palette, scene=scene, model=model, model_version=model_version,
-        simplify_band_px=simplify_band_px, overwrite=overwrite,
+        band_px=band_px, overwrite=overwrite,
     )
     keep = sink.classes_at_polygonize
     classes = tuple(sorted(keep)) if keep is not None else None

@@ -89,7 +89,8 @@ def test_geoparquet_metadata_and_layout(tmp_path):
     bbox = table.column("bbox").combine_chunks()
     for i, k in enumerate(("xmin", "ymin", "xmax", "ymax")):
         np.testing.assert_array_equal(bbox.field(k).to_numpy(), bounds[:, i])
-    np.testing.assert_allclose(col["bbox"], [bounds[:, 0].min(), bounds[:, 1].min(), bounds[:, 2].max(), bounds[:, 3].max()])
+    want_bbox = [bounds[:, 0].min(), bounds[:, 1].min(), bounds[:, 2].max(), bounds[:, 3].max()]
+    np.testing.assert_allclose(col["bbox"], want_bbox)
     # each row group is in Hilbert order of bbox centres
     offset = 0
     for g in range(meta.num_row_groups):

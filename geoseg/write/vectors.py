@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -143,7 +144,8 @@ class FeatureBatch:
             cols = {c: obj[c].to_numpy() for c in obj.columns if c != obj.geometry.name}
             return cls(geom, cols)
         except AttributeError:
-            raise InputError(f"vector writers take a FeatureBatch or a GeoDataFrame, got {type(obj).__name__}") from None
+            kind = type(obj).__name__
+            raise InputError(f"vector writers take a FeatureBatch or a GeoDataFrame, got {kind}") from None
 
 
 def _take_ragged(ragged: tuple[np.ndarray, np.ndarray, np.ndarray], idx: np.ndarray):
@@ -304,7 +306,9 @@ def _pyproj_crs(crs: Any):
     return pyproj.CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
 
 
-def hilbert_index(x: np.ndarray, y: np.ndarray, extent: tuple[float, float, float, float], order: int = 16) -> np.ndarray:
+def hilbert_index(
+    x: np.ndarray, y: np.ndarray, extent: tuple[float, float, float, float], order: int = 16
+) -> np.ndarray:
     """Position of points on a Hilbert curve of ``2**order`` cells a side over ``extent`` (uint64)."""
     xmin, ymin, xmax, ymax = extent
     n = 1 << order
@@ -418,7 +422,10 @@ class GeoParquetWriter(VectorWriter):
         cx = (bounds[:, 0] + bounds[:, 2]) / 2
         cy = (bounds[:, 1] + bounds[:, 3]) / 2
         extent = self.extent or (cx.min(), cy.min(), cx.max(), cy.max())
-        order = np.argsort(hilbert_index(cx, cy, extent), kind="stable")
+        h = hilbert_index(cx, cy, extent)
+        ids = batch.columns.get("polygon_id")
+        # ties (e.g. an island and the ring around it share a bbox centre) by polygon_id: a canonical order
+        order = np.lexsort((np.asarray(ids), h)) if ids is not None else np.argsort(h, kind="stable")
         batch = batch.take(order)
         bounds = batch.bounds
         arrays = {k: _arrow_column(v) for k, v in batch.columns.items()}
@@ -667,7 +674,14 @@ class GPKGWriter(VectorWriter):
 
     def _write(self, batch: FeatureBatch) -> None:
         arrays = {k: _arrow_column(v) for k, v in batch.columns.items()}
-        arrays["geom"] = batch.wkb
+        if self.geometry_type == "MultiPolygon":  # GPKG wants one type per layer: promote the single parts
+            geoms = batch.geometry.copy()
+            single = np.flatnonzero(shapely.get_type_id(geoms) == 3)
+            if len(single):
+                geoms[single] = shapely.multipolygons(geoms[single], indices=np.arange(len(single)))
+            arrays["geom"] = pa.array(shapely.to_wkb(geoms, output_dimension=2), type=pa.binary())
+        else:
+            arrays["geom"] = batch.wkb
         self._buf.append(pa.table(arrays))
         self._buf_rows += len(batch)
         if self._buf_rows >= self.batch_rows:
@@ -695,9 +709,15 @@ class GPKGWriter(VectorWriter):
         self._add_style()
 
     def _add_style(self) -> None:
-        """The QGIS ``layer_styles`` table (QML + SLD), registered in ``gpkg_contents`` as QGIS does."""
+        """The QGIS ``layer_styles`` table (QML + SLD), registered in ``gpkg_contents`` as QGIS does.
+
+        Timestamps are set to ``SOURCE_DATE_EPOCH`` (the reproducible-builds convention), else 1970-01-01, so
+        the file's bytes depend only on its content.
+        """
         qml = style_qml(self.palette, self.class_names)
         sld = style_sld(self.palette, self.class_names, self.layer)
+        epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(epoch))
         con = sqlite3.connect(self.tmp)
         try:
             con.execute(
@@ -709,15 +729,15 @@ class GPKGWriter(VectorWriter):
             )
             con.execute(
                 "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, "
-                "styleName, styleQML, styleSLD, useAsDefault, description, owner) "
-                "VALUES ('', '', ?, 'geom', ?, ?, ?, 1, 'class colours', '')",
-                (self.layer, f"{self.layer} classes", qml, sld),
+                "styleName, styleQML, styleSLD, useAsDefault, description, owner, update_time) "
+                "VALUES ('', '', ?, 'geom', ?, ?, ?, 1, 'class colours', '', ?)",
+                (self.layer, f"{self.layer} classes", qml, sld, stamp),
             )
             con.execute(
                 "INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, description, "
-                "last_change) VALUES ('layer_styles', 'attributes', 'layer_styles', '', "
-                "strftime('%Y-%m-%dT%H:%M:%fZ','now'))"
+                "last_change) VALUES ('layer_styles', 'attributes', 'layer_styles', '', ?)", (stamp,)
             )
+            con.execute("UPDATE gpkg_contents SET last_change = ?", (stamp,))
             con.commit()
         finally:
             con.close()
