@@ -129,7 +129,9 @@ def _gpus_per_worker(cfg: JobConfig) -> float:
         return cfg.runtime.num_gpus_per_worker
     if cfg.runtime.device == "cpu":
         return 0.0
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    have = ray.cluster_resources().get("GPU", 0)
+    # One GPU per worker when there are enough; else the workers share what there is.
+    return min(1.0, have / cfg.runtime.workers) if have else 0.0
 
 
 def ray_engine(plans: list[ScenePlan], items: list[WorkItem], cfg: JobConfig, model) -> Iterator[BlockResult]:
