@@ -32,7 +32,7 @@ import numpy as np
 
 from geoseg import __version__
 from geoseg.config import JobConfig, StorageConfig
-from geoseg.errors import BlockError, InputError, OutputError
+from geoseg.errors import OutputError
 from geoseg.grid import Block, TileGrid
 from geoseg.infer import NODATA
 from geoseg.io import raster, store

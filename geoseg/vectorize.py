@@ -57,6 +57,7 @@ from rasterio import features
 from rasterio.windows import Window
 
 from geoseg.errors import InputError, OutputError
+from geoseg.write.vectors import _pyproj_crs
 
 __all__ = [
     "BlockPolygons",
@@ -1013,16 +1014,6 @@ def resolve_classes(
 
 def class_name(cid: int, class_names: Sequence[str]) -> str:
     return class_names[cid] if cid < len(class_names) and class_names[cid] else f"class_{cid}"
-
-
-def _pyproj_crs(crs: Any):
-    import pyproj
-
-    if crs is None:
-        return None
-    if isinstance(crs, pyproj.CRS):
-        return crs
-    return pyproj.CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
 
 
 def _metres_per_unit(pcrs) -> float:
