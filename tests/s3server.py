@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -168,8 +169,12 @@ class S3Server:
         return name
 
     def iam_user(self, name: str, policy: dict | None = None) -> tuple[str, str]:
-        """Create an IAM user (with an inline ``policy``, or none) and return its (access key, secret)."""
+        """Create an IAM user (with an inline ``policy``, or none) and return its (access key, secret).
+
+        The server lives for the whole test session, so the name gets a unique suffix: two tests may ask for the
+        same role name without colliding."""
         iam = self.client("iam")
+        name = f"{name}-{uuid.uuid4().hex[:8]}"
         iam.create_user(UserName=name)
         if policy is not None:
             iam.put_user_policy(UserName=name, PolicyName=f"{name}-policy", PolicyDocument=json.dumps(policy))
