@@ -201,6 +201,7 @@ def run(
                 records[result.scene] = writers.pop(result.scene).finish(
                     {"setup": round(t_setup, 3), "total": round(time.monotonic() - t0, 3)}
                 )
+                release_free_memory()
                 log.info("wrote %s", plan.out_dir)
     except BaseException:
         close = getattr(results, "close", None)

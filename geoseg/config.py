@@ -69,7 +69,9 @@ class TilingConfig(_Section):
 class RuntimeConfig(_Section):
     engine: Literal["ray", "local"] = Field("ray", description="ray (local or remote cluster) or local (one process)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = Field(8, gt=0, description="tiles per forward pass")
+    batch_size: int | None = Field(
+        None, gt=0, description="tiles per forward pass; default 8 on a GPU, 1 on CPU (see infer.default_batch_size)"
+    )
     workers: int = Field(1, gt=0, description="inference actors (one model each)")
     num_gpus_per_worker: float | None = Field(
         None, ge=0, description="GPUs reserved per inference actor; default 1 when the cluster has GPUs, else 0"

@@ -34,7 +34,7 @@ from geoseg import __version__
 from geoseg.config import JobConfig, StorageConfig
 from geoseg.errors import OutputError
 from geoseg.grid import Block, TileGrid
-from geoseg.infer import NODATA
+from geoseg.write.cog import NODATA
 from geoseg.io import raster, store
 
 __all__ = [

@@ -79,7 +79,7 @@ def _check_resources(cfg: JobConfig, gpus: float) -> None:
 class InferenceActor:
     """Holds one model on its device (loaded once) and predicts whole blocks, tiles batched."""
 
-    def __init__(self, model, device: str, batch_size: int, autocast: str, threads: int = 1):
+    def __init__(self, model, device: str, batch_size: int | None, autocast: str, threads: int = 1):
         import torch
 
         from geoseg.infer import Predictor

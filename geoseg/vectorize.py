@@ -1368,7 +1368,7 @@ class PolygonSink:
         scene: str | None = None,
         model: str | None = None,
         model_version: str | None = None,
-        band_px: int = 2048,
+        band_px: int = 512,
         overwrite: bool = True,
     ):
         from geoseg.write.vectors import open_vector_writer
@@ -1549,7 +1549,7 @@ def vectorize_file(
     model: str | None = None,
     model_version: str | None = None,
     overwrite: bool = True,
-    band_px: int = 2048,
+    band_px: int = 512,
     mp_context: str | None = None,
 ) -> VectorizeResult:
     """Polygonize a class mask GeoTIFF into ``out`` (a file whose suffix names the format, or a directory that

@@ -21,9 +21,10 @@ from rasterio.windows import Window
 
 from geoseg.errors import OutputError
 
-__all__ = ["MaskWriter", "CLASS_NAMES_TAG"]
+__all__ = ["MaskWriter", "CLASS_NAMES_TAG", "NODATA"]
 
 CLASS_NAMES_TAG = "GEOSEG_CLASS_NAMES"
+NODATA = 255  # the mask's nodata value: no model has 256 classes
 
 
 class MaskWriter:
@@ -38,7 +39,7 @@ class MaskWriter:
         *,
         class_names: list[str],
         palette: dict[int, tuple[int, int, int, int]],
-        nodata: int = 255,
+        nodata: int = NODATA,
         blocksize_px: int = 512,
         compress: str = "deflate",
         overviews: bool = True,

@@ -381,7 +381,7 @@ class GeoParquetWriter(VectorWriter):
         crs: Any,
         *,
         extent: tuple[float, float, float, float] | None = None,
-        row_group_rows: int = 65_536,
+        row_group_rows: int = 16_384,
         compression: str = "snappy",
     ):
         super().__init__(path)
@@ -659,7 +659,7 @@ class GPKGWriter(VectorWriter):
         palette: dict[int, tuple[int, ...]] | None = None,
         class_names: list[str] | None = None,
         geometry_type: str = "Polygon",
-        batch_rows: int = 50_000,
+        batch_rows: int = 16_384,
     ):
         super().__init__(path)
         self.crs = _pyproj_crs(crs)
