@@ -66,6 +66,8 @@ class MaskWriter:
         try:
             self.scratch_path.parent.mkdir(parents=True, exist_ok=True)
             self._ds = rasterio.open(self.scratch_path, "w", **profile)
+            # The colour table sets the TIFF's photometric tag, which libtiff refuses once data was written.
+            self._ds.write_colormap(1, {i: palette.get(i, (0, 0, 0, 0)) for i in range(256)})
         except (OSError, rasterio.errors.RasterioError) as e:
             raise OutputError(f"{self.scratch_path}: cannot create the mask scratch file ({e})") from None
 
@@ -101,7 +103,6 @@ class MaskWriter:
     def finish(self, dst: str | Path) -> Path:
         """Close the scratch file, copy it as a COG to ``dst`` atomically, remove the scratch."""
         ds = self._ds
-        ds.write_colormap(1, {i: self.palette.get(i, (0, 0, 0, 0)) for i in range(256)})
         ds.update_tags(**{CLASS_NAMES_TAG: json.dumps(self.class_names)}, **self.tags)
         ds.update_tags(1, **{f"CLASS_{i}": n for i, n in enumerate(self.class_names)})
         ds.set_band_description(1, "class")
