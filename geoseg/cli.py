@@ -85,15 +85,16 @@ def predict(inputs: tuple[str, ...], model: str, out: str, overrides: tuple[str,
 @click.option("--out", "out", required=True, help="output file (.parquet, .gpkg, .geojson, .geojsonl) or directory")
 @click.option("--block-px", default=1024, show_default=True, help="block side for parallel polygonize")
 @click.option("--workers", default=2, show_default=True, help="processes")
+@click.option("--overwrite", is_flag=True, help="replace existing output files")
 @_set
-def vectorize(mask: str, out: str, block_px: int, workers: int, overrides: tuple[str, ...]) -> None:
+def vectorize(mask: str, out: str, block_px: int, workers: int, overwrite: bool, overrides: tuple[str, ...]) -> None:
     """Polygonize a class MASK (e.g. a geoseg mask.tif) into OUT. --set keys are vector.* settings."""
     from geoseg.config import apply_overrides, config_from_dict
     from geoseg.vectorize import vectorize_file
 
     try:
         cfg = config_from_dict(apply_overrides({}, overrides), source="--set")
-        written = vectorize_file(mask, out, cfg.vector, block_px=block_px, workers=workers)
+        written = vectorize_file(mask, out, cfg.vector, block_px=block_px, workers=workers, overwrite=overwrite)
         for p in written if isinstance(written, (list, tuple)) else [written]:
             click.echo(str(p))
     except GeosegError as e:

@@ -1548,7 +1548,7 @@ def vectorize_file(
     scene: str | None = None,
     model: str | None = None,
     model_version: str | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
     band_px: int = 512,
     mp_context: str | None = None,
 ) -> VectorizeResult:

@@ -448,3 +448,22 @@ def test_outputs_byte_identical_for_any_block_split(strata_tif, tmp_path):
     assert digests[0] == digests[1] == digests[2]
     ids = pq.read_table(tmp_path / "b128" / "polygons.parquet", columns=["polygon_id"]).column(0).to_numpy()
     assert len(ids) == len(np.unique(ids))
+
+
+def test_cli_vectorize_refuses_to_overwrite(strata_tif, tmp_path):
+    from click.testing import CliRunner
+
+    from geoseg.cli import main
+
+    out = tmp_path / "p.parquet"
+    args = ["vectorize", str(strata_tif), "--out", str(out), "--block-px", "128", "--workers", "1"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert str(out) in first.output and pq.read_metadata(out).num_rows > 0
+    before = out.read_bytes()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code != 0 and "exists" in again.output and str(out) in again.output
+    assert out.read_bytes() == before and list(tmp_path.iterdir()) == [out]  # no temp file left behind
+    forced = CliRunner().invoke(main, args + ["--overwrite"])
+    assert forced.exit_code == 0, forced.output
+    assert out.read_bytes() == before  # same mask, same settings: byte-identical
