@@ -5,29 +5,14 @@ from __future__ import annotations
 import os
 import pickle
 
-import numpy as np
 import pytest
-import rasterio
 from affine import Affine
 from click.testing import CliRunner
 
 from geoseg.api import predict
 from geoseg.cli import main
 from geoseg.errors import BlockError, ConfigError, GeosegError, InputError, OutputError
-
-
-def _chip_copy(s2_chip, path, **changes):
-    with rasterio.open(s2_chip) as src:
-        prof = src.profile
-        data = src.read()
-        names = src.descriptions
-    prof.update(changes.pop("profile", {}))
-    data = changes.pop("transform_data", lambda d: d)(data)
-    prof["count"] = data.shape[0]
-    with rasterio.open(path, "w", **prof) as dst:
-        dst.write(data.astype(prof["dtype"]))
-        dst.descriptions = names[: data.shape[0]]
-    return path
+from tests.rasters import chip_copy, corrupt_tile_copy
 
 
 def _predict(inp, out, model, *sets):
@@ -68,14 +53,8 @@ def test_corrupt_geotiff_header(tmp_path, out, s2_chip, tiny_unet):
 
 def test_corrupt_block_names_file_and_block(tmp_path, out, s2_chip, tiny_unet):
     """A GeoTIFF whose header is fine but one compressed tile is garbage fails on that block, by name."""
-    p = _chip_copy(s2_chip, tmp_path / "badtile.tif", profile={"tiled": True, "blockxsize": 128, "blockysize": 128})
-    raw = bytearray(p.read_bytes())
-    with rasterio.open(p) as src:
-        # band 2 (B2) is one the model reads; its tile (1, 1) is block r1c1 with 128 px blocks
-        off = int(src.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=2))
-        size = int(src.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=2))
-    raw[off: off + size] = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8).tobytes()
-    p.write_bytes(bytes(raw))
+    # band 2 (B2) is one the model reads; its tile (1, 1) is block r1c1 with 128 px blocks
+    p = corrupt_tile_copy(s2_chip, tmp_path / "badtile.tif", (1, 1), band=2, seed=0)
     with pytest.raises(BlockError) as e:
         _predict(p, out, tiny_unet, "tiling.block_px=128", "tiling.tile_px=128", "vector.enabled=false")
     msg = str(e.value)
@@ -85,26 +64,26 @@ def test_corrupt_block_names_file_and_block(tmp_path, out, s2_chip, tiny_unet):
 
 
 def test_no_crs(tmp_path, out, s2_chip, tiny_unet):
-    p = _chip_copy(s2_chip, tmp_path / "nocrs.tif", profile={"crs": None})
+    p = chip_copy(s2_chip, tmp_path / "nocrs.tif", profile={"crs": None})
     with pytest.raises(InputError, match=r"nocrs\.tif: has no CRS"):
         _predict(p, out, tiny_unet)
 
 
 def test_rotated_transform(tmp_path, out, s2_chip, tiny_unet):
-    p = _chip_copy(s2_chip, tmp_path / "rotated.tif",
+    p = chip_copy(s2_chip, tmp_path / "rotated.tif",
                    profile={"transform": Affine(10, 2, 500000, 1, -10, 4000000), "crs": "EPSG:32630"})
     with pytest.raises(InputError, match=r"rotated\.tif: rotated or sheared"):
         _predict(p, out, tiny_unet)
 
 
 def test_too_few_bands(tmp_path, out, s2_chip, tiny_unet):
-    p = _chip_copy(s2_chip, tmp_path / "rgb.tif", transform_data=lambda d: d[1:4])
+    p = chip_copy(s2_chip, tmp_path / "rgb.tif", transform_data=lambda d: d[1:4])
     with pytest.raises(InputError, match=r"rgb\.tif: has 3 bands but the model needs 9"):
         _predict(p, out, tiny_unet)
 
 
 def test_unsupported_dtype(tmp_path, out, s2_chip, tiny_unet):
-    p = _chip_copy(s2_chip, tmp_path / "complex.tif", profile={"dtype": "complex64", "nodata": None})
+    p = chip_copy(s2_chip, tmp_path / "complex.tif", profile={"dtype": "complex64", "nodata": None})
     with pytest.raises(InputError, match=r"complex\.tif: unsupported data type complex64 \(supported: uint8"):
         _predict(p, out, tiny_unet)
 

@@ -9,12 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import rasterio
 
 from geoseg.api import predict
 from geoseg.errors import BlockError
+from tests.rasters import corrupt_tile_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,24 +110,8 @@ def test_changed_config_refuses_to_mix(tmp_path, s2_chip, dw_model, ray_local):
     assert rec["stats"]["blocks_resumed"] == 0
 
 
-def _corrupt_tile_copy(s2_chip, path):
-    with rasterio.open(s2_chip) as src:
-        prof, data, names = src.profile, src.read(), src.descriptions
-    prof.update(tiled=True, blockxsize=128, blockysize=128)
-    with rasterio.open(path, "w", **prof) as dst:
-        dst.write(data)
-        dst.descriptions = names
-    raw = bytearray(path.read_bytes())
-    with rasterio.open(path) as src:
-        off = int(src.get_tag_item("BLOCK_OFFSET_3_0", "TIFF", bidx=2))
-        size = int(src.get_tag_item("BLOCK_SIZE_3_0", "TIFF", bidx=2))
-    raw[off: off + size] = np.random.default_rng(1).integers(0, 255, size, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(raw))
-    return path
-
-
 def test_block_failure_fails_run_or_is_recorded(tmp_path, s2_chip, dw_model, ray_local):
-    bad = _corrupt_tile_copy(s2_chip, tmp_path / "bad.tif")
+    bad = corrupt_tile_copy(s2_chip, tmp_path / "bad.tif", (0, 3), band=2, seed=1)
     sets = ["runtime.engine=ray", "tiling.block_px=256", "tiling.tile_px=128", "vector.enabled=false"]
     with pytest.raises(BlockError, match=r"bad\.tif: block r00000c00001: .*ZIPDecode"):
         _run(bad, tmp_path / "strict", dw_model, *sets)

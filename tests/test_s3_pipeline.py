@@ -4,7 +4,6 @@ missing objects and access denied give clear errors without credentials."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
