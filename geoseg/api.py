@@ -7,6 +7,7 @@ Both call the same stage functions, so their outputs are identical.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -151,8 +152,15 @@ def run(
     writers: dict[int, SceneWriter] = {}
     remaining: dict[int, int] = {}
     items: list[WorkItem] = []
+    records: list[dict[str, Any]] = [None] * len(plans)  # type: ignore[list-item]
     try:
         for plan in plans:
+            if cfg.output.skip_complete:
+                done = _finished_record(plan, cfg)
+                if done is not None:
+                    log.info("skipped %s: its outputs are complete (%s)", plan.path, plan.out_dir)
+                    records[plan.index] = done
+                    continue
             w = SceneWriter(plan, cfg, model.card, overwrite=cfg.output.overwrite)
             writers[plan.index] = w
             remaining[plan.index] = plan.grid.num_blocks
@@ -163,6 +171,8 @@ def run(
         for w in writers.values():
             w.abort()
         raise
+    if not writers:  # every scene was complete: no engine to start
+        return records
     engine = engine or cfg.runtime.engine
     if engine == "local":
         results = _local_engine(plans, items, cfg, model)
@@ -173,9 +183,8 @@ def run(
     else:
         raise ConfigError(f"runtime.engine {engine!r} is not one of ray, local")
 
-    total_px = sum(p.info.shape[0] * p.info.shape[1] for p in plans)
+    total_px = sum(p.info.shape[0] * p.info.shape[1] for p in plans if p.index in writers)
     progress = Progress(len(items), total_px, cfg.runtime.progress)
-    records: list[dict[str, Any]] = [None] * len(plans)  # type: ignore[list-item]
     failed = 0
     t_setup = time.monotonic() - t0
     try:
@@ -213,6 +222,14 @@ def run(
     finally:
         progress.close()
     return records
+
+
+def _finished_record(plan: ScenePlan, cfg: JobConfig) -> dict[str, Any] | None:
+    """The run record of a scene whose outputs are complete (run.json is written last), else None."""
+    path = store.join(plan.out_dir, "run.json")
+    if not store.exists(path, cfg.storage):
+        return None
+    return json.loads(store.read_bytes(path, cfg.storage))
 
 
 def predict(inputs: Iterable[str], out_dir: str, *, model: str = "dynamic-world", overrides=(), **kwargs):

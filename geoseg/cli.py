@@ -17,6 +17,8 @@ _set = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
     help="override a config value, e.g. --set tiling.block_px=512 (repeatable)",
 )
+# --overwrite redoes finished scenes too, so it switches off a config's skip_complete
+_OVERWRITE_SETS = ("output.overwrite=true", "output.skip_complete=false")
 _overwrite = click.option("--overwrite", is_flag=True, help="replace existing outputs / discard partial results")
 
 
@@ -57,7 +59,7 @@ def run(config: str, overrides: tuple[str, ...], overwrite: bool) -> None:
     from geoseg.config import load_config
 
     try:
-        cfg = load_config(config, overrides + (("output.overwrite=true",) if overwrite else ()))
+        cfg = load_config(config, overrides + (_OVERWRITE_SETS if overwrite else ()))
         _report(run_job(cfg))
     except GeosegError as e:
         _fail(e)
@@ -75,7 +77,7 @@ def predict(inputs: tuple[str, ...], model: str, out: str, overrides: tuple[str,
 
     try:
         _report(predict_job(list(inputs), out, model=model,
-                            overrides=overrides + (("output.overwrite=true",) if overwrite else ())))
+                            overrides=overrides + (_OVERWRITE_SETS if overwrite else ())))
     except GeosegError as e:
         _fail(e)
 

@@ -101,6 +101,9 @@ class StorageConfig(_Section):
 class OutputConfig(_Section):
     dir: str | None = Field(None, description="output directory, local or s3://; one sub-directory per scene")
     overwrite: bool = False
+    skip_complete: bool = Field(
+        False, description="skip scenes whose run.json already exists (scheduled jobs over a growing prefix)"
+    )
     cog_blocksize_px: int = Field(512, gt=0, description="internal tile size of the mask COG")
     compress: Literal["deflate", "lzw", "zstd", "none"] = "deflate"
     overviews: bool = True
@@ -111,6 +114,12 @@ class OutputConfig(_Section):
         if v % 16:
             raise ValueError(f"GeoTIFF tiles must be a multiple of 16 pixels; got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _one_policy(self):
+        if self.overwrite and self.skip_complete:
+            raise ValueError("overwrite and skip_complete contradict each other for finished scenes; choose one")
+        return self
 
 
 class VectorConfig(_Section):

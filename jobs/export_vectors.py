@@ -20,12 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--block-px", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         cfg = config_from_dict(apply_overrides({}, args.overrides), source="--set")
-        vectorize_file(args.mask, args.out, cfg.vector, block_px=args.block_px, workers=args.workers)
+        vectorize_file(args.mask, args.out, cfg.vector, block_px=args.block_px, workers=args.workers,
+                       overwrite=args.overwrite)
     except GeosegError as e:
         logging.error("%s", e)
         return 1

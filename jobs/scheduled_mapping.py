@@ -4,7 +4,8 @@
         python jobs/scheduled_mapping.py configs/cluster_scheduled.yaml --set output.dir=s3://bucket/run-2026-11-25/
 
 Inside a Ray job RAY_ADDRESS is set, so geoseg joins the cluster instead of starting a local Ray. Scenes whose
-outputs are complete are skipped (their run.json exists), interrupted ones resume from their block records.
+outputs are complete (their run.json exists) are skipped (``output.skip_complete``, set here), interrupted ones
+resume from their block records.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 from geoseg.api import run
 from geoseg.config import load_config
-from geoseg.errors import GeosegError, OutputError
+from geoseg.errors import GeosegError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,15 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides + ["runtime.progress=log"])
-        records = run(cfg)
-    except OutputError as e:
-        # A scheduled rerun over scenes that are already done is not a failure worth paging anyone about.
-        if "already exist" in str(e):
-            logging.info("nothing to do: %s", e)
-            return 0
-        logging.error("%s", e)
-        return 1
+        # Nightly reruns over a growing prefix compute only new scenes, unless asked to redo everything.
+        redo = any(o.replace(" ", "").lower() == "output.overwrite=true" for o in args.overrides)
+        overrides = args.overrides + ["runtime.progress=log", f"output.skip_complete={str(not redo).lower()}"]
+        records = run(load_config(args.config, overrides))
     except GeosegError as e:
         logging.error("%s", e)
         return 1

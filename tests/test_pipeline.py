@@ -139,3 +139,33 @@ def test_memory_flat_with_image_size(tmp_path, s2_chip, tiny_unet):
         peaks[k] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peaks[4] <= 1.2 * peaks[2], peaks
+
+
+def test_skip_complete_runs_only_new_scenes(tmp_path, s2_chip, tiny_unet):
+    """A scheduled job over a growing prefix: finished scenes are skipped, new ones computed."""
+    from geoseg.errors import ConfigError, OutputError
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(s2_chip, src / "a.tif")
+    out = tmp_path / "out"
+    sets = ["runtime.engine=local", "vector.enabled=false", "tiling.block_px=256"]
+    (first,) = predict([str(src / "a.tif")], str(out), overrides=sets, loaded_model=tiny_unet)
+    a_bytes = (out / "a" / "mask.tif").read_bytes()
+    shutil.copy(s2_chip, src / "b.tif")  # new imagery arrives
+    with pytest.raises(OutputError, match=r"outputs of scene 'a' already exist"):
+        predict([str(src / "*.tif")], str(out), overrides=sets, loaded_model=tiny_unet)
+    assert not (out / "b").exists()
+    rec_a, rec_b = predict([str(src / "*.tif")], str(out), overrides=sets + ["output.skip_complete=true"],
+                           loaded_model=tiny_unet)
+    assert rec_a == first  # the stored record, untouched
+    assert (out / "a" / "mask.tif").read_bytes() == a_bytes
+    assert rec_b["stats"]["model_calls"] > 0 and (out / "b" / "run.json").exists()
+    # b is a copy of a: same mask bytes apart from nothing (the scene name is not in the mask)
+    assert (out / "b" / "mask.tif").read_bytes() == a_bytes
+    again = predict([str(src / "*.tif")], str(out), overrides=sets + ["output.skip_complete=true"],
+                    loaded_model=tiny_unet)
+    assert again == [rec_a, rec_b]
+    with pytest.raises(ConfigError, match="overwrite and skip_complete"):
+        predict([str(src / "*.tif")], str(out), overrides=sets + ["output.skip_complete=true",
+                                                                   "output.overwrite=true"], loaded_model=tiny_unet)
