@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_model.py", "bench_vectorize.py", "bench_pipeline.py", "bench_s3_read.py"]
+BENCHES = ["bench_model.py", "bench_autocast.py", "bench_vectorize.py", "bench_pipeline.py", "bench_s3_read.py"]
 
 
 def main() -> int:
