@@ -142,45 +142,48 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--reps", type=int, nargs="+", default=[1, 2, 4], help="k for k x k mosaics")
     ap.add_argument("--per-process", action="store_true", help="print each process's own peak PSS")
-    ap.add_argument("--memory-only", action="store_true", help="skip the throughput part")
+    ap.add_argument("--tile-px", type=int, default=128,
+                    help="tile side in the memory runs: 128 gives the 1x chip inner tiles with a full halo")
+    ap.add_argument("--only", choices=["memory", "throughput"], help="run one part")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="geoseg-bench-"))
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
     results: dict = {"machine": {"cpus": os.cpu_count()}, "memory": [], "throughput": {}}
-    common = ["tiling.block_px=512", "tiling.tile_px=256", "vector.enabled=true", "runtime.workers=1"]
+    common = ["tiling.block_px=512", f"tiling.tile_px={args.tile_px}", "vector.enabled=true", "runtime.workers=1"]
 
-    print("== memory: peak of the whole process tree (driver + local Ray) ==")
-    print(f"{'input':>10} {'Mpx':>7} {'seconds':>8} {'peak RSS MiB':>13} {'peak PSS MiB':>13} {'sum VmHWM MiB':>14}")
-    for k in args.reps:
-        vrt = tiled_vrt(args.chip, tmp / f"x{k * k}.vrt", k)
-        per_proc: dict = {}
-        dt, rss, pss = run_with_peak(geoseg_cmd(vrt, tmp / f"mem{k}", *common), env, per_proc)
-        mpx = (512 * k) ** 2 / 1e6
-        # Sampled sums miss spikes shorter than the sampling period (a forward pass), so the chance of catching
-        # one grows with run length; the per-process kernel high-water marks do not: their sum bounds the peak.
-        hwm = sum(v[1] for v in per_proc.values())
-        results["memory"].append({"area_x": k * k, "mpx": mpx, "seconds": dt, "peak_rss": rss, "peak_pss": pss,
-                                  "sum_hwm": hwm})
-        print(f"{f'{k * k}x':>10} {mpx:7.2f} {dt:8.1f} {rss / 2**20:13.0f} {pss / 2**20:13.0f} {hwm / 2**20:14.0f}")
-        if args.per_process:
-            for pid, (peak, hwm, labels) in sorted(per_proc.items(), key=lambda kv: -kv[1][0])[:6]:
-                name = ",".join(sorted(x.removeprefix("ray::") for x in labels if x != "ray::IDLE")) or "idle"
-                print(f"{'':>12}peak PSS {peak / 2**20:5.0f} MiB, VmHWM {hwm / 2**20:5.0f} MiB  pid {pid:<8} "
-                      f"{name[:50]}")
-    m = results["memory"]
-    ratio_rss = m[-1]["peak_rss"] / m[0]["peak_rss"]
-    ratio_pss = m[-1]["peak_pss"] / m[0]["peak_pss"]
-    ratio_hwm = m[-1]["sum_hwm"] / m[0]["sum_hwm"]
-    print(f"peak at {m[-1]['area_x']}x / peak at {m[0]['area_x']}x: RSS {ratio_rss:.3f}, PSS {ratio_pss:.3f}, "
-          f"sum of VmHWM {ratio_hwm:.3f} (goal <= 1.2)")
-    results["memory_ratio_rss"], results["memory_ratio_pss"] = ratio_rss, ratio_pss
-    results["memory_ratio_hwm"] = ratio_hwm
-    if args.memory_only:
+    if args.only != "throughput":
+        print("== memory: peak of the whole process tree (driver + local Ray) ==")
+        print(f"{'input':>10} {'Mpx':>7} {'seconds':>8} {'peak RSS MiB':>13} {'peak PSS MiB':>13} {'sum VmHWM MiB':>14}")
+        for k in args.reps:
+            vrt = tiled_vrt(args.chip, tmp / f"x{k * k}.vrt", k)
+            per_proc: dict = {}
+            dt, rss, pss = run_with_peak(geoseg_cmd(vrt, tmp / f"mem{k}", *common), env, per_proc)
+            mpx = (512 * k) ** 2 / 1e6
+            # Sampled sums miss spikes shorter than the sampling period (a forward pass), so the chance of catching
+            # one grows with run length; the per-process kernel high-water marks do not: their sum bounds the peak.
+            hwm = sum(v[1] for v in per_proc.values())
+            results["memory"].append({"area_x": k * k, "mpx": mpx, "seconds": dt, "peak_rss": rss, "peak_pss": pss,
+                                      "sum_hwm": hwm})
+            print(f"{f'{k * k}x':>10} {mpx:7.2f} {dt:8.1f} {rss / 2**20:13.0f} {pss / 2**20:13.0f} {hwm / 2**20:14.0f}")
+            if args.per_process:
+                for pid, (peak, hwm, labels) in sorted(per_proc.items(), key=lambda kv: -kv[1][0])[:6]:
+                    name = ",".join(sorted(x.removeprefix("ray::") for x in labels if x != "ray::IDLE")) or "idle"
+                    print(f"{'':>12}peak PSS {peak / 2**20:5.0f} MiB, VmHWM {hwm / 2**20:5.0f} MiB  pid {pid:<8} "
+                          f"{name[:50]}")
+        m = results["memory"]
+        ratio_rss = m[-1]["peak_rss"] / m[0]["peak_rss"]
+        ratio_pss = m[-1]["peak_pss"] / m[0]["peak_pss"]
+        ratio_hwm = m[-1]["sum_hwm"] / m[0]["sum_hwm"]
+        print(f"peak at {m[-1]['area_x']}x / peak at {m[0]['area_x']}x: RSS {ratio_rss:.3f}, PSS {ratio_pss:.3f}, "
+              f"sum of VmHWM {ratio_hwm:.3f} (goal <= 1.2)")
+        results["memory_ratio_rss"], results["memory_ratio_pss"] = ratio_rss, ratio_pss
+        results["memory_ratio_hwm"] = ratio_hwm
+
+    if args.only == "memory":
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
         return
-
     print("\n== throughput on the 4x mosaic (1024 x 1024 px) ==")
     vrt = tmp / "x4.vrt" if (tmp / "x4.vrt").exists() else tiled_vrt(args.chip, tmp / "x4.vrt", 2)
     mpx = 1024 * 1024 / 1e6

@@ -1370,6 +1370,7 @@ class PolygonSink:
         model_version: str | None = None,
         band_px: int = 512,
         overwrite: bool = True,
+        write_chunk: int = 4096,
     ):
         from geoseg.write.vectors import open_vector_writer
 
@@ -1383,6 +1384,7 @@ class PolygonSink:
         self.tolerance = simplify_tolerance(cfg.simplify_tolerance_m, crs) if cfg.simplify_tolerance_m > 0 else 0.0
         self.merger = SeamMerger(self.shape, block_px=block_px, windows=windows, connectivity=cfg.connectivity)
         self.bands = _Bands(self.shape[0], band_px)
+        self.write_chunk = max(1, int(write_chunk))
         self.count = 0
         rows, cols = self.shape
         t = transform
@@ -1415,8 +1417,20 @@ class PolygonSink:
         return self._route(final, self.merger.rows_complete_until())
 
     def _route(self, final: PolygonSet, rows_complete: int) -> int:
-        n = sum(self._write(p) for p in self.bands.add(final))
-        return n + sum(self._write(p) for p in self.bands.ready(rows_complete))
+        n = sum(self._write_chunked(p) for p in self.bands.add(final))
+        return n + sum(self._write_chunked(p) for p in self.bands.ready(rows_complete))
+
+    def _write_chunked(self, polys: PolygonSet) -> int:
+        """Write a band in slices of ``write_chunk`` polygons when that cannot change the output.
+
+        A band spans the raster's width, so its attribute table, WKB and GeoJSON text would grow with the image;
+        slices keep those transients at a fixed size. Pixel-exact polygons are written one by one anyway (the
+        files are the same for any slicing); a simplified band must stay whole, it is one coverage.
+        """
+        if self.tolerance or len(polys) <= self.write_chunk:
+            return self._write(polys)
+        return sum(self._write(polys.take(np.arange(i, min(i + self.write_chunk, len(polys)))))
+                   for i in range(0, len(polys), self.write_chunk))
 
     def _write(self, polys: PolygonSet) -> int:
         """Simplify (optional), filter classes, attribute and write one released band."""
@@ -1550,6 +1564,7 @@ def vectorize_file(
     model_version: str | None = None,
     overwrite: bool = False,
     band_px: int = 512,
+    write_chunk: int = 4096,
     mp_context: str | None = None,
 ) -> VectorizeResult:
     """Polygonize a class mask GeoTIFF into ``out`` (a file whose suffix names the format, or a directory that
@@ -1583,7 +1598,7 @@ def vectorize_file(
     sink = PolygonSink(
         paths, shape=shape, transform=transform, crs=crs, cfg=cfg, block_px=block_px, class_names=names,
         palette=palette, scene=scene, model=model, model_version=model_version,
-        band_px=band_px, overwrite=overwrite,
+        band_px=band_px, overwrite=overwrite, write_chunk=write_chunk,
     )
     keep = sink.classes_at_polygonize
     classes = tuple(sorted(keep)) if keep is not None else None

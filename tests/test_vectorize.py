@@ -467,3 +467,13 @@ def test_cli_vectorize_refuses_to_overwrite(strata_tif, tmp_path):
     forced = CliRunner().invoke(main, args + ["--overwrite"])
     assert forced.exit_code == 0, forced.output
     assert out.read_bytes() == before  # same mask, same settings: byte-identical
+
+
+def test_write_slices_do_not_change_files(strata_tif, tmp_path):
+    """Bands are written in slices of write_chunk polygons (bounded transients); the files stay the same bytes."""
+    cfg = VectorConfig(formats=["parquet", "gpkg", "geojson"])
+    whole = vectorize_file(strata_tif, tmp_path / "whole", cfg, block_px=128, workers=1, write_chunk=10**9)
+    sliced = vectorize_file(strata_tif, tmp_path / "sliced", cfg, block_px=128, workers=1, write_chunk=7)
+    assert whole.polygons == sliced.polygons > 7
+    for a, b in zip(sorted(whole), sorted(sliced)):
+        assert Path(a).read_bytes() == Path(b).read_bytes(), Path(a).name
