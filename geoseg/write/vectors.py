@@ -684,10 +684,12 @@ class GPKGWriter(VectorWriter):
             arrays["geom"] = batch.wkb
         self._buf.append(pa.table(arrays))
         self._buf_rows += len(batch)
-        if self._buf_rows >= self.batch_rows:
-            self._flush()
+        while self._buf_rows >= self.batch_rows:
+            self._flush(self.batch_rows)
 
-    def _flush(self) -> None:
+    def _flush(self, limit: int | None = None) -> None:
+        """Write up to ``limit`` buffered rows in one GDAL write. Writes of a fixed row count make the file's
+        layout independent of how the rows were handed in."""
         import pyogrio
 
         if not self._buf and self._created:
@@ -697,6 +699,11 @@ class GPKGWriter(VectorWriter):
         else:
             table = pa.table({"polygon_id": pa.array([], pa.int64()), "geom": pa.array([], pa.binary())})
         self._buf, self._buf_rows = [], 0
+        if limit is not None and table.num_rows > limit:
+            rest = table.slice(limit)
+            self._buf, self._buf_rows = [rest], rest.num_rows
+            table = table.slice(0, limit)
+        table = table.combine_chunks()  # one Arrow batch per write: GDAL commits per batch
         pyogrio.write_arrow(
             table, str(self.tmp), layer=self.layer, driver="GPKG", geometry_name="geom",
             geometry_type=self.geometry_type, crs=self.crs.to_wkt() if self.crs is not None else None,
