@@ -190,29 +190,36 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 2))
     t_model = model_only_seconds(vrt, 512, 256, threads)
     # One worker holding all CPUs for its threads (Ray sets OMP threads = the actor's CPUs); tasks take little.
-    e2e1, _, _ = run_with_peak(geoseg_cmd(vrt, tmp / "t1", "tiling.block_px=512", "tiling.tile_px=256",
-                                          "runtime.workers=1", f"runtime.cpus_per_worker={threads}",
-                                          "runtime.cpus_per_task=0.25", f"runtime.num_cpus={threads + 1}"), env)
-    e2e2, _, _ = run_with_peak(geoseg_cmd(vrt, tmp / "t2", "tiling.block_px=512", "tiling.tile_px=256",
-                                          "runtime.workers=2", f"runtime.cpus_per_worker={threads / 2:g}",
-                                          "runtime.cpus_per_task=0.25", f"runtime.num_cpus={threads + 1}"), env)
-    # The job's wall time includes starting Ray and the workers; measure that fixed cost alone to separate it.
+    one = ["runtime.workers=1", f"runtime.cpus_per_worker={threads}"]
+    two = ["runtime.workers=2", f"runtime.cpus_per_worker={threads / 2:g}"]
+
+    def job(src: Path, name: str, *sets: str) -> float:
+        return run_with_peak(geoseg_cmd(src, tmp / name, "tiling.block_px=512", "tiling.tile_px=256",
+                                        "runtime.cpus_per_task=0.25", f"runtime.num_cpus={threads + 1}", *sets),
+                             env)[0]
+
+    # The job's wall time includes starting Ray and the workers; a 1x run (one block) measures that fixed cost.
     tiny = tiled_vrt(args.chip, tmp / "x1.vrt", 1)
-    e2e0, _, _ = run_with_peak(geoseg_cmd(tiny, tmp / "t0", "tiling.block_px=512", "tiling.tile_px=256",
-                                          "runtime.workers=1", f"runtime.cpus_per_worker={threads}",
-                                          "runtime.cpus_per_task=0.25", f"runtime.num_cpus={threads + 1}"), env)
     t_model_tiny = model_only_seconds(tiny, 512, 256, threads)
-    fixed = max(0.0, e2e0 - t_model_tiny)
-    steady = (e2e1 - fixed) / t_model
+    rows = {}
+    for label, vec in (("mask + polygons", "true"), ("mask only", "false")):
+        e2e1 = job(vrt, "t1", *one, f"vector.enabled={vec}")
+        e2e2 = job(vrt, "t2", *two, f"vector.enabled={vec}")
+        fixed = max(0.0, job(tiny, "t0", *one, f"vector.enabled={vec}") - t_model_tiny)
+        rows[label] = {"e2e_1_worker_s": e2e1, "e2e_2_workers_s": e2e2, "fixed_cost_s": fixed,
+                       "ratio_e2e_over_model": e2e1 / t_model, "ratio_steady_over_model": (e2e1 - fixed) / t_model,
+                       "speedup_2_over_1": e2e1 / e2e2}
     print(f"model-only forward ({threads} threads): {t_model:.2f} s = {mpx / t_model:.3f} Mpx/s")
-    print(f"end-to-end, 1 worker:  {e2e1:.2f} s = {mpx / e2e1:.3f} Mpx/s (incl. Ray start and COG/vector output)")
-    print(f"end-to-end, 2 workers: {e2e2:.2f} s = {mpx / e2e2:.3f} Mpx/s; speedup 2 over 1: {e2e1 / e2e2:.2f}x")
-    print(f"fixed per-job cost (start Ray + actor + model, from a 1x run): {fixed:.2f} s")
-    print(f"end-to-end / model-only: {e2e1 / t_model:.2f} whole job; {steady:.2f} without the fixed per-job "
-          f"cost (goal <= 1.10)")
-    results["throughput"] = {"mpx": mpx, "model_only_s": t_model, "e2e_1_worker_s": e2e1, "e2e_2_workers_s": e2e2,
-                             "fixed_cost_s": fixed, "ratio_e2e_over_model": e2e1 / t_model,
-                             "ratio_steady_over_model": steady, "speedup_2_over_1": e2e1 / e2e2}
+    for label, r in rows.items():
+        print(f"-- {label}:")
+        print(f"   end-to-end, 1 worker:  {r['e2e_1_worker_s']:.2f} s = {mpx / r['e2e_1_worker_s']:.3f} Mpx/s "
+              f"(incl. Ray start and outputs)")
+        print(f"   end-to-end, 2 workers: {r['e2e_2_workers_s']:.2f} s; speedup 2 over 1: "
+              f"{r['speedup_2_over_1']:.2f}x")
+        print(f"   fixed per-job cost (start Ray + actor + model, from a 1x run): {r['fixed_cost_s']:.2f} s")
+        print(f"   end-to-end / model-only: {r['ratio_e2e_over_model']:.2f} whole job; "
+              f"{r['ratio_steady_over_model']:.2f} without the fixed per-job cost (goal <= 1.10)")
+    results["throughput"] = {"mpx": mpx, "model_only_s": t_model, **rows}
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
