@@ -56,6 +56,10 @@ from affine import Affine
 from rasterio import features
 from rasterio.windows import Window
 
+from geoseg._ragged import concat as concat_ragged
+from geoseg._ragged import offsets as _offsets
+from geoseg._ragged import ranges as _ranges
+from geoseg._ragged import take as take_ragged
 from geoseg.errors import InputError, OutputError
 from geoseg.write.vectors import _pyproj_crs
 
@@ -103,23 +107,6 @@ _COORD_BITS = 22  # pixel coordinates fit in 22 bits (4 M px a side) when packed
 # ------------------------------------------------------------------------------------------------ arrays
 
 
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + c)`` for each (s, c), vectorized."""
-    counts = np.asarray(counts, dtype=np.int64)
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    starts = np.asarray(starts, dtype=np.int64)
-    shift = starts - (np.cumsum(counts) - counts)
-    return np.repeat(shift, counts) + np.arange(total, dtype=np.int64)
-
-
-def _offsets(counts: Sequence[int] | np.ndarray) -> np.ndarray:
-    out = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=out[1:])
-    return out
-
-
 @dataclass
 class PolygonSet:
     """Finished polygons in global pixel coordinates, columnar (shapely ``from_ragged_array`` layout).
@@ -149,15 +136,11 @@ class PolygonSet:
             return cls.empty()
         if len(sets) == 1:
             return sets[0]
-        coords = np.concatenate([s.coords for s in sets])
-        n_coords = np.cumsum([0] + [len(s.coords) for s in sets[:-1]])
-        n_rings = np.cumsum([0] + [len(s.ring_offsets) - 1 for s in sets[:-1]])
-        ring_off = np.concatenate([[0]] + [s.ring_offsets[1:] + k for s, k in zip(sets, n_coords)])
-        poly_off = np.concatenate([[0]] + [s.poly_offsets[1:] + k for s, k in zip(sets, n_rings)])
+        coords, ring_off, poly_off = concat_ragged([(s.coords, s.ring_offsets, s.poly_offsets) for s in sets])
         return cls(
             coords,
-            ring_off.astype(np.int64),
-            poly_off.astype(np.int64),
+            ring_off,
+            poly_off,
             np.concatenate([s.class_ids for s in sets]),
             np.concatenate([s.polygon_ids for s in sets]),
         )
@@ -167,7 +150,7 @@ class PolygonSet:
         idx = np.asarray(idx)
         if idx.dtype == bool:
             idx = np.flatnonzero(idx)
-        coords, ring_off, poly_off = _take(self.coords, self.ring_offsets, self.poly_offsets, idx)
+        coords, ring_off, poly_off = take_ragged(self.coords, self.ring_offsets, self.poly_offsets, idx)
         return PolygonSet(coords, ring_off, poly_off, self.class_ids[idx], self.polygon_ids[idx])
 
     def rings(self, i: int) -> list[np.ndarray]:
@@ -191,16 +174,6 @@ class PolygonSet:
         return shapely.from_ragged_array(
             shapely.GeometryType.POLYGON, self.map_coords(transform), (self.ring_offsets, self.poly_offsets)
         )
-
-
-def _take(coords, ring_off, poly_off, idx):
-    idx = np.asarray(idx, dtype=np.int64)
-    r0 = poly_off[idx]
-    nr = poly_off[idx + 1] - r0
-    rings = _ranges(r0, nr)
-    c0 = ring_off[rings]
-    nc = ring_off[rings + 1] - c0
-    return coords[_ranges(c0, nc)], _offsets(nc), _offsets(nr)
 
 
 def _polygon_keys(coords: np.ndarray, ring_off: np.ndarray, poly_off: np.ndarray, cols: int) -> np.ndarray:
@@ -515,7 +488,7 @@ class SeamMerger:
         finals = []
         idle = np.flatnonzero(~touch)
         if len(idle):
-            coords, ring_off, poly_off = _take(block.coords, block.ring_offsets, block.poly_offsets, idle)
+            coords, ring_off, poly_off = take_ragged(block.coords, block.ring_offsets, block.poly_offsets, idle)
             finals.append(PolygonSet(coords, ring_off, poly_off, block.class_ids[idle], keys[idle]))
 
         base = b << 32

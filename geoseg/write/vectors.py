@@ -30,6 +30,9 @@ import pyarrow.parquet as pq
 import shapely
 import shapely.geometry
 
+from geoseg._ragged import concat as concat_ragged
+from geoseg._ragged import offsets as _offsets
+from geoseg._ragged import take as take_ragged
 from geoseg.errors import InputError, OutputError
 
 __all__ = [
@@ -118,7 +121,7 @@ class FeatureBatch:
         """Rows ``idx`` (geometry, columns, and any derived WKB/bounds already computed)."""
         out = FeatureBatch(self.geometry[idx] if self._ragged is None else None,
                            {k: _take_col(v, idx) for k, v in self.columns.items()},
-                           ragged=None if self._ragged is None else _take_ragged(self._ragged, idx))
+                           ragged=None if self._ragged is None else take_ragged(*self._ragged, idx))
         return out
 
     @classmethod
@@ -128,12 +131,7 @@ class FeatureBatch:
         names = list(batches[0].columns)
         cols = {k: _concat_col([b.columns[k] for b in batches]) for k in names}
         if all(b._ragged is not None for b in batches):
-            coords = np.concatenate([b._ragged[0] for b in batches])
-            n_coords = np.cumsum([0] + [len(b._ragged[0]) for b in batches[:-1]])
-            n_rings = np.cumsum([0] + [len(b._ragged[1]) - 1 for b in batches[:-1]])
-            ring_off = np.concatenate([[0]] + [b._ragged[1][1:] + k for b, k in zip(batches, n_coords)])
-            poly_off = np.concatenate([[0]] + [b._ragged[2][1:] + k for b, k in zip(batches, n_rings)])
-            return cls(None, cols, ragged=(coords, ring_off, poly_off))
+            return cls(None, cols, ragged=concat_ragged([b._ragged for b in batches]))
         return cls(np.concatenate([b.geometry for b in batches]), cols)
 
     @classmethod
@@ -147,32 +145,6 @@ class FeatureBatch:
         except AttributeError:
             kind = type(obj).__name__
             raise InputError(f"vector writers take a FeatureBatch or a GeoDataFrame, got {kind}") from None
-
-
-def _take_ragged(ragged: tuple[np.ndarray, np.ndarray, np.ndarray], idx: np.ndarray):
-    coords, ring_off, poly_off = ragged
-    idx = np.asarray(idx, dtype=np.int64)
-    r0 = poly_off[idx]
-    nr = poly_off[idx + 1] - r0
-    rings = _ranges(r0, nr)
-    c0 = ring_off[rings]
-    nc = ring_off[rings + 1] - c0
-    return coords[_ranges(c0, nc)], _offsets(nc), _offsets(nr)
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    counts = np.asarray(counts, dtype=np.int64)
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    shift = np.asarray(starts, dtype=np.int64) - (np.cumsum(counts) - counts)
-    return np.repeat(shift, counts) + np.arange(total, dtype=np.int64)
-
-
-def _offsets(counts: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=out[1:])
-    return out
 
 
 def wkb_polygons(coords: np.ndarray, ring_offsets: np.ndarray, poly_offsets: np.ndarray) -> pa.Array:
@@ -544,12 +516,6 @@ class GeoJSONWriter(VectorWriter):
         self._fh.close()
 
 
-def _as_lists(obj: Any) -> Any:
-    if isinstance(obj, (list, tuple)):
-        return [_as_lists(o) for o in obj]
-    return obj
-
-
 def _geojson_geometries(geoms: np.ndarray) -> list[str]:
     """GeoJSON geometry members for already rounded lon/lat geometries.
 
@@ -569,7 +535,7 @@ def _geojson_geometries(geoms: np.ndarray) -> list[str]:
             out[i] = '{"type":"Polygon","coordinates":' + orjson.dumps(rings).decode() + "}"
     for i in np.flatnonzero(types != 3).tolist():
         gi = shapely.geometry.mapping(geoms[i])
-        out[i] = orjson.dumps({"type": gi["type"], "coordinates": _as_lists(gi["coordinates"])}).decode()
+        out[i] = orjson.dumps({"type": gi["type"], "coordinates": gi["coordinates"]}).decode()
     return out
 
 

@@ -1,0 +1,53 @@
+"""Polygons as ragged arrays (shapely's ``from_ragged_array`` layout): ``coords`` (N, 2), ``ring_offsets``
+(R + 1) into coords and ``poly_offsets`` (P + 1) into rings. Vectorized selection and concatenation, shared by
+the seam merger (``geoseg.vectorize``) and the vector writers (``geoseg.write.vectors``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["ranges", "offsets", "take", "concat"]
+
+Ragged = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + c)`` for each (s, c), vectorized."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.asarray(starts, dtype=np.int64)
+    shift = starts - (np.cumsum(counts) - counts)
+    return np.repeat(shift, counts) + np.arange(total, dtype=np.int64)
+
+
+def offsets(counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Offsets (len + 1, int64, starting at 0) of consecutive runs of ``counts`` items."""
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+def take(coords: np.ndarray, ring_off: np.ndarray, poly_off: np.ndarray, idx: np.ndarray) -> Ragged:
+    """The polygons at indices ``idx``, in that order."""
+    idx = np.asarray(idx, dtype=np.int64)
+    r0 = poly_off[idx]
+    nr = poly_off[idx + 1] - r0
+    rings = ranges(r0, nr)
+    c0 = ring_off[rings]
+    nc = ring_off[rings + 1] - c0
+    return coords[ranges(c0, nc)], offsets(nc), offsets(nr)
+
+
+def concat(parts: Sequence[Ragged]) -> Ragged:
+    """One ragged set holding ``parts`` in order (offsets shifted by the coords and rings before them)."""
+    coords = np.concatenate([c for c, _, _ in parts])
+    n_coords = np.cumsum([0] + [len(c) for c, _, _ in parts[:-1]])
+    n_rings = np.cumsum([0] + [len(r) - 1 for _, r, _ in parts[:-1]])
+    ring_off = np.concatenate([[0]] + [r[1:] + k for (_, r, _), k in zip(parts, n_coords)])
+    poly_off = np.concatenate([[0]] + [p[1:] + k for (_, _, p), k in zip(parts, n_rings)])
+    return coords, ring_off.astype(np.int64), poly_off.astype(np.int64)
