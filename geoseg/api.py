@@ -7,7 +7,6 @@ Both call the same stage functions, so their outputs are identical.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -19,7 +18,9 @@ from geoseg.config import JobConfig, apply_overrides, config_from_dict
 from geoseg.errors import BlockError, ConfigError, GeosegError, OutputError
 from geoseg.grid import Block
 from geoseg.io import store
-from geoseg.pipeline import BlockResult, ScenePlan, SceneWriter, load_block_record, plan_scene, postprocess_block
+from geoseg.pipeline import (
+    BlockResult, ScenePlan, SceneWriter, load_block_record, load_run_record, plan_scene, postprocess_block,
+)
 from geoseg.progress import Progress
 
 log = logging.getLogger("geoseg")
@@ -156,7 +157,7 @@ def run(
     try:
         for plan in plans:
             if cfg.output.skip_complete:
-                done = _finished_record(plan, cfg)
+                done = load_run_record(plan)
                 if done is not None:
                     log.info("skipped %s: its outputs are complete (%s)", plan.path, plan.out_dir)
                     records[plan.index] = done
@@ -222,14 +223,6 @@ def run(
     finally:
         progress.close()
     return records
-
-
-def _finished_record(plan: ScenePlan, cfg: JobConfig) -> dict[str, Any] | None:
-    """The run record of a scene whose outputs are complete (run.json is written last), else None."""
-    path = store.join(plan.out_dir, "run.json")
-    if not store.exists(path, cfg.storage):
-        return None
-    return json.loads(store.read_bytes(path, cfg.storage))
 
 
 def predict(inputs: Iterable[str], out_dir: str, *, model: str = "dynamic-world", overrides=(), **kwargs):

@@ -24,7 +24,6 @@ from geoseg.write.cog import NODATA
 __all__ = ["select_device", "default_batch_size", "Predictor", "BlockPrediction", "NODATA"]
 
 
-
 def select_device(requested: str = "auto") -> torch.device:
     """``cuda`` when asked (it must exist) or when ``auto`` finds one; else ``cpu``."""
     if requested == "cuda":

@@ -41,6 +41,7 @@ __all__ = [
     "BlockResult",
     "SceneWriter",
     "plan_scene",
+    "load_run_record",
     "read_block",
     "postprocess_block",
     "scene_stem",
@@ -169,6 +170,18 @@ def _partial_dir(plan: ScenePlan) -> str:
     return store.join(plan.out_dir, ".partial")
 
 
+def _run_record_path(plan: ScenePlan) -> str:
+    return store.join(plan.out_dir, "run.json")
+
+
+def load_run_record(plan: ScenePlan) -> dict[str, Any] | None:
+    """The run record of a scene whose outputs are complete (``run.json`` is written last), else None."""
+    path = _run_record_path(plan)
+    if not store.exists(path, plan.storage):
+        return None
+    return json.loads(store.read_bytes(path, plan.storage))
+
+
 def load_block_record(plan: ScenePlan, block: Block) -> np.ndarray | None:
     """A block mask stored by an earlier run, or None when missing or its checksum fails (then recompute)."""
     path = store.join(_partial_dir(plan), "blocks", f"{block.id}.npz")
@@ -200,7 +213,7 @@ class SceneWriter:
         self.storage = cfg.storage
         self.out_dir = plan.out_dir
         self.partial = _partial_dir(plan)
-        self.run_record = store.join(self.out_dir, "run.json")
+        self.run_record = _run_record_path(plan)
         self.fp = fingerprint(cfg, card, plan.info, plan.bands)
         self.t0 = time.time()
         self.stats = {"model_calls": 0, "tiles_inferred": 0, "tiles_skipped_nodata": 0, "blocks_resumed": 0, "blocks_computed": 0}

@@ -26,10 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        # Nightly reruns over a growing prefix compute only new scenes, unless asked to redo everything.
-        redo = any(o.replace(" ", "").lower() == "output.overwrite=true" for o in args.overrides)
-        overrides = args.overrides + ["runtime.progress=log", f"output.skip_complete={str(not redo).lower()}"]
-        records = run(load_config(args.config, overrides))
+        cfg = load_config(args.config, args.overrides + ["runtime.progress=log"])
+        if not cfg.output.overwrite:  # nightly reruns over a growing prefix compute only the new scenes
+            cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"skip_complete": True})})
+        records = run(cfg)
     except GeosegError as e:
         logging.error("%s", e)
         return 1

@@ -43,6 +43,10 @@ def test_scheduled_rerun_computes_only_new_scenes(tmp_path, s2_chip):
     assert rec2["stats"]["model_calls"] > 0
     assert job.main([str(cfg), "--set", "output.overwrite=true"]) == 0  # redo everything on request
     assert (tmp_path / "out" / "day1" / "run.json").read_text() != day1  # new timings
+    redo = tmp_path / "redo.yaml"  # overwrite set in the file itself, not only by --set
+    redo.write_text(cfg.read_text().replace("dir: ", "overwrite: true\n  dir: "))
+    assert "overwrite: true" in redo.read_text()
+    assert job.main([str(redo)]) == 0
     assert job.main([str(tmp_path / "missing.yaml")]) == 1
 
 
