@@ -50,6 +50,12 @@ def sample_batches(n_batches: int = 3) -> list[FeatureBatch]:
     return out
 
 
+def write_batches(path: Path, fmt: str, batches: list[FeatureBatch]) -> None:
+    with open_vector_writer(path, fmt, CRS) as w:
+        for b in batches:
+            w.write(b)
+
+
 def no_temp_files(directory: Path) -> bool:
     return not [p for p in directory.iterdir() if ".tmp-" in p.name]
 
@@ -146,9 +152,7 @@ def _check_rfc7946_geometry(geom: dict, numbers: list[str]) -> None:
 def test_geojson_rfc7946(tmp_path):
     path = tmp_path / "polygons.geojson"
     batches = sample_batches(2)
-    with open_vector_writer(path, "geojson", CRS) as w:
-        for b in batches:
-            w.write(b)
+    write_batches(path, "geojson", batches)
     text = path.read_text()
     doc = json.loads(text, parse_float=str)  # keep the literal digits
     assert doc["type"] == "FeatureCollection" and "crs" not in doc
@@ -177,9 +181,7 @@ def test_geojson_rfc7946(tmp_path):
 def test_geojsonseq(tmp_path):
     path = tmp_path / "polygons.geojsonl"
     batches = sample_batches(2)
-    with open_vector_writer(path, "geojsonseq", CRS) as w:
-        for b in batches:
-            w.write(b)
+    write_batches(path, "geojsonseq", batches)
     lines = path.read_text().splitlines()
     assert len(lines) == sum(len(b) for b in batches)
     numbers: list[str] = []
