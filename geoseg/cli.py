@@ -1,6 +1,8 @@
 """``geoseg`` command line: run, predict, vectorize, models, info. A thin layer over the library.
 
-Every ``GeosegError`` ends as one line on stderr and exit code 1 (2 for usage errors, from click).
+Every failure ends as one line on stderr and an exit code that tells a scheduler what happened (see
+``geoseg.errors``): 3 bad input or config (do not retry), 4 runtime failure (retry), 130 interrupted (a rerun
+resumes), 1 an internal error, 2 a usage error (click). ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 
 import click
 
-from geoseg.errors import GeosegError
+from geoseg.errors import EXIT_INTERRUPTED, GeosegError, exit_code
 
 _set = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -22,9 +24,40 @@ _OVERWRITE_SETS = ("output.overwrite=true", "output.skip_complete=false")
 _overwrite = click.option("--overwrite", is_flag=True, help="replace existing outputs / discard partial results")
 
 
-def _fail(e: GeosegError):
-    click.secho(f"geoseg: error: {e}", fg="red", err=True)
-    sys.exit(1)
+_DEBUG = {"on": False}
+
+
+def _fail(e: BaseException):
+    """One line on stderr and the exit code of ``e``'s class (the traceback only with ``--debug``)."""
+    code = exit_code(e)
+    if _DEBUG["on"]:
+        import traceback
+
+        traceback.print_exception(e, file=sys.stderr)
+    if code == EXIT_INTERRUPTED:
+        click.secho("geoseg: interrupted; finished blocks are kept: rerun the same command to resume",
+                    fg="yellow", err=True)
+    elif isinstance(e, GeosegError):
+        click.secho(f"geoseg: error: {e}", fg="red", err=True)
+    else:
+        click.secho(f"geoseg: internal error: {type(e).__name__}: {e} (a bug in geoseg; rerun with --debug "
+                    "for the traceback and report it)", fg="red", err=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    """Every exception of a command, KeyboardInterrupt included, ends in ``_fail`` (never click's "Aborted!"
+    or a bare traceback)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except SystemExit:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the CLI's last line of defence
+            _fail(e)
 
 
 def _report(records) -> None:
@@ -38,11 +71,18 @@ def _report(records) -> None:
         click.echo(f"  {'run':9s} {outs['mask'].rsplit('/', 1)[0]}/run.json")
 
 
-@click.group()
+@click.group(cls=_Group)
 @click.version_option(package_name="geoseg")
 @click.option("-v", "--verbose", count=True, help="more log output")
-def main(verbose: int) -> None:
-    """Land-use / land-cover maps from large GeoTIFFs: seam-free masks and exact polygons."""
+@click.option("--debug", is_flag=True, help="show tracebacks of errors")
+def main(verbose: int, debug: bool) -> None:
+    """Land-use / land-cover maps from large GeoTIFFs: seam-free masks and exact polygons.
+
+    Exit codes: 0 done; 3 bad input or configuration (retrying cannot help); 4 runtime failure (storage,
+    disk, failed blocks: a retry may succeed); 130 interrupted (a rerun resumes); 1 internal error;
+    2 usage error.
+    """
+    _DEBUG["on"] = debug
     logging.basicConfig(
         level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,

@@ -17,6 +17,7 @@ scene's outputs are complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -31,7 +32,7 @@ import numpy as np
 
 from geoseg import __version__
 from geoseg.config import JobConfig, StorageConfig
-from geoseg.errors import OutputError
+from geoseg.errors import OutputError, write_failure
 from geoseg.grid import Block, TileGrid
 from geoseg.write.cog import NODATA
 from geoseg.io import raster, store
@@ -239,11 +240,15 @@ class SceneWriter:
             from geoseg.vectorize import PolygonSink, output_paths
 
             info = plan.info
-            self.vectors = PolygonSink(
-                output_paths(self.work, cfg.vector.formats), shape=info.shape, transform=info.transform,
-                crs=info.crs, cfg=cfg.vector, block_px=plan.grid.block_px, class_names=card.class_names,
-                palette=card.palette, scene=plan.stem, model=card.name, model_version=card.version,
-            )
+            try:
+                self.vectors = PolygonSink(
+                    output_paths(self.work, cfg.vector.formats), shape=info.shape, transform=info.transform,
+                    crs=info.crs, cfg=cfg.vector, block_px=plan.grid.block_px, class_names=card.class_names,
+                    palette=card.palette, scene=plan.stem, model=card.name, model_version=card.version,
+                )
+            except BaseException:
+                self.mask_writer.abort()  # no scratch file left behind by a setting refused here
+                raise
 
     # -- resume -------------------------------------------------------------------------------------------
     def _prepare(self, overwrite: bool) -> None:
@@ -286,6 +291,12 @@ class SceneWriter:
         if result.error is not None:
             self.failed[block.id] = result.error
             return
+        try:
+            self._add(block, result)
+        except Exception as e:  # a full disk under the scratch mask or the block records
+            raise write_failure(self.out_dir, e, f"write block {block.id}") from None
+
+    def _add(self, block: Block, result: BlockResult) -> None:
         sha = _sha256(result.mask)
         if result.from_resume:
             self.stats["blocks_resumed"] += 1
@@ -334,23 +345,45 @@ class SceneWriter:
             self.vectors.abort()
 
     def finish(self, timings: dict[str, float] | None = None) -> dict[str, Any]:
-        """Publish the mask, vectors and manifest, then the run record."""
-        s = self.storage
-        files = {}
+        """Complete every output in the work directory, verify it, then publish them all with ``run.json``
+        last. Any failure (a full disk included) leaves nothing under a final name and keeps the block
+        records, so a rerun resumes."""
+        try:
+            local, files = self._complete_outputs(timings)
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, Exception):
+                raise write_failure(self.out_dir, e, "write the outputs") from None
+            raise
+        published: list[str] = []
+        try:
+            for kind, path in local.items():  # run.json is the last key
+                store.publish_file(str(path), files[kind], self.storage)
+                published.append(files[kind])
+        except BaseException:
+            for dest in published:  # best effort: a scene is either complete or has no final outputs
+                with contextlib.suppress(Exception):
+                    store.remove(dest, self.storage)
+            self.abort()
+            raise
+        store.remove_tree(self.partial, self.storage)
+        if self.work.exists():
+            shutil.rmtree(self.work, ignore_errors=True)
+        return self._record
+
+    def _complete_outputs(self, timings: dict[str, float] | None) -> tuple[dict[str, Path], dict[str, str]]:
+        """Every output finished and verified in the work directory: ``({kind: local path}, {kind: dest})``."""
         if self.plan.sieve_px > 1:
             self._sieve_pass()
-        local_mask = self.mask_writer.finish(self.work / "mask.tif")
-        files["mask"] = store.join(self.out_dir, "mask.tif")
-        store.publish_file(str(local_mask), files["mask"], s)
+        local: dict[str, Path] = {"mask": self.mask_writer.finish(self.work / "mask.tif")}
         if self.vectors is not None:
-            for kind, local in self.vectors.finish().items():
-                dest = store.join(self.out_dir, Path(local).name)
-                store.publish_file(str(local), dest, s)
-                files[kind] = dest
-        manifest = {"blocks": dict(sorted(self.done.items())), "failed": dict(sorted(self.failed.items()))}
+            local.update(self.vectors.finish())
+        files = {kind: store.join(self.out_dir, Path(p).name) for kind, p in local.items()}
         files["manifest"] = store.join(self.out_dir, "manifest.json")
-        store.write_bytes(files["manifest"], json.dumps(manifest, indent=1).encode(), s)
-        record = {
+        manifest = {"blocks": dict(sorted(self.done.items())), "failed": dict(sorted(self.failed.items()))}
+        local["manifest"] = self.work / "manifest.json"
+        local["manifest"].write_bytes(json.dumps(manifest, indent=1).encode())
+        self._record = record = {
             "geoseg_version": __version__,
             "input": {
                 "path": self.plan.path, "shape_rows_cols": list(self.plan.info.shape),
@@ -369,13 +402,12 @@ class SceneWriter:
             "failed_blocks": dict(sorted(self.failed.items())),
             "class_pixel_counts": self.mask_writer.class_pixel_counts(),
             "timings_s": dict(timings or {}, wall=round(time.time() - self.t0, 3)),
-            "outputs": files,
+            "outputs": dict(files),
         }
-        store.write_bytes(self.run_record, json.dumps(record, indent=1).encode(), s)
-        store.remove_tree(self.partial, s)
-        if self.work.exists():
-            shutil.rmtree(self.work, ignore_errors=True)
-        return record
+        local["run"] = self.work / "run.json"
+        local["run"].write_bytes(json.dumps(record, indent=1).encode())
+        files["run"] = self.run_record
+        return local, files
 
 
 def _jsonable(obj):

@@ -131,8 +131,8 @@ def test_output_exists_refused_unless_overwrite(tmp_path, out, s2_chip, tiny_une
 def test_cli_exit_code_and_one_line(tmp_path):
     res = CliRunner().invoke(main, ["predict", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "o"),
                                     "--set", "runtime.engine=local"])
-    assert res.exit_code == 1
-    assert "missing.tif: input not found" in res.output or "missing.tif: file not found" in res.output
+    assert res.exit_code == 3  # EXIT_INPUT: retrying cannot help
+    assert f"geoseg: error: {tmp_path / 'missing.tif'}: input not found" in res.output
     assert "Traceback" not in res.output
 
 

@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from geoseg.config import StorageConfig
-from geoseg.errors import GeosegError, InputError, StorageError
+from geoseg.errors import GeosegError, InputError, StorageError, write_failure
 
 if TYPE_CHECKING:
     import rasterio.io
@@ -636,7 +636,9 @@ def write_bytes(dest: str | os.PathLike[str], data: bytes, storage: StorageConfi
     parent = os.path.dirname(os.path.abspath(dest))
     try:
         os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=parent)
+        # Not mkstemp: its 0600 would stick to the published file; 0666 less the umask is what open() gives.
+        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -648,7 +650,8 @@ def write_bytes(dest: str | os.PathLike[str], data: bytes, storage: StorageConfi
                 os.unlink(tmp)
             raise
     except OSError as e:
-        raise StorageError(f"{dest}: cannot write ({e.strerror or e})") from None
+        err = write_failure(dest, e)
+        raise (err if isinstance(err, StorageError) else StorageError(f"{dest}: cannot write ({e.strerror or e})")) from None
 
 
 def publish_file(
@@ -694,7 +697,8 @@ def publish_file(
             raise
         os.unlink(src)
     except OSError as e:
-        raise StorageError(f"{dest}: cannot publish {src} ({e.strerror or e})") from None
+        err = write_failure(dest, e, "publish it")
+        raise (err if isinstance(err, StorageError) else StorageError(f"{dest}: cannot publish {src} ({e.strerror or e})")) from None
 
 
 def remove(path: str | os.PathLike[str], storage: StorageConfig | None = None, missing_ok: bool = True) -> None:

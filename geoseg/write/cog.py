@@ -9,6 +9,7 @@ bytes are the same for every split of the work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ import rasterio.shutil
 from affine import Affine
 from rasterio.windows import Window
 
-from geoseg.errors import OutputError
+from geoseg.errors import OutputError, write_failure
 
 __all__ = ["MaskWriter", "CLASS_NAMES_TAG", "NODATA"]
 
@@ -75,7 +76,10 @@ class MaskWriter:
         """Write one block's class mask (uint8, rows x cols of ``window``)."""
         if mask.dtype != np.uint8 or mask.shape != (int(window.height), int(window.width)):
             raise ValueError(f"block mask {mask.dtype}{mask.shape} does not fit window {window}")
-        self._ds.write(mask, 1, window=window)
+        try:
+            self._ds.write(mask, 1, window=window)
+        except Exception as e:
+            raise write_failure(self.scratch_path, e, "write a block of the mask") from None
         self.counts += np.bincount(mask.ravel(), minlength=256)
 
     def class_pixel_counts(self) -> dict[str, int]:
@@ -92,21 +96,42 @@ class MaskWriter:
     def close_scratch(self) -> Path:
         """Close the scratch file for reading (e.g. a sieve pass) and return its path."""
         if not self._ds.closed:
-            self._ds.close()
+            try:
+                self._ds.close()
+            except Exception as e:
+                raise write_failure(self.scratch_path, e, "finish the scratch mask") from None
         return self.scratch_path
 
     def abort(self) -> None:
         if not self._ds.closed:
-            self._ds.close()
+            with contextlib.suppress(Exception):  # closing flushes; on a full disk that fails too
+                self._ds.close()
         self.scratch_path.unlink(missing_ok=True)
+
+    def verify(self, path: Path) -> None:
+        """The finished COG opens with the scene's grid and its last tile (the end of the file) decodes: a
+        write cut short by a full disk fails here, before the file is published."""
+        rows, cols = self.shape
+        with rasterio.open(path) as ds:
+            if (ds.height, ds.width) != (rows, cols) or ds.count != 1:
+                raise OSError(f"{path.name}: {ds.height} x {ds.width} px after writing, expected {rows} x {cols}")
+            bs = self.blocksize_px
+            r0, c0 = (rows - 1) // bs * bs, (cols - 1) // bs * bs
+            ds.read(1, window=Window(c0, r0, cols - c0, rows - r0))
+            for level in range(len(ds.overviews(1))):
+                with rasterio.open(path, overview_level=level) as ov:
+                    ov.read(1, window=Window(ov.width - 1, ov.height - 1, 1, 1))
 
     def finish(self, dst: str | Path) -> Path:
         """Close the scratch file, copy it as a COG to ``dst`` atomically, remove the scratch."""
         ds = self._ds
-        ds.update_tags(**{CLASS_NAMES_TAG: json.dumps(self.class_names)}, **self.tags)
-        ds.update_tags(1, **{f"CLASS_{i}": n for i, n in enumerate(self.class_names)})
-        ds.set_band_description(1, "class")
-        ds.close()
+        try:
+            ds.update_tags(**{CLASS_NAMES_TAG: json.dumps(self.class_names)}, **self.tags)
+            ds.update_tags(1, **{f"CLASS_{i}": n for i, n in enumerate(self.class_names)})
+            ds.set_band_description(1, "class")
+            ds.close()
+        except Exception as e:
+            raise write_failure(self.scratch_path, e, "finish the scratch mask") from None
         dst = Path(dst)
         tmp = dst.with_name(f".{dst.name}.tmp")
         opts = dict(
@@ -119,9 +144,10 @@ class MaskWriter:
             opts["LEVEL"] = 6
         try:
             rasterio.shutil.copy(self.scratch_path, tmp, **opts)
+            self.verify(tmp)
             os.replace(tmp, dst)
-        except (OSError, rasterio.errors.RasterioError) as e:
+        except Exception as e:
             tmp.unlink(missing_ok=True)
-            raise OutputError(f"{dst}: cannot write the mask COG ({e})") from None
+            raise write_failure(dst, e, "write the mask COG") from None
         self.scratch_path.unlink(missing_ok=True)
         return dst

@@ -33,7 +33,7 @@ import shapely.geometry
 from geoseg._ragged import concat as concat_ragged
 from geoseg._ragged import offsets as _offsets
 from geoseg._ragged import take as take_ragged
-from geoseg.errors import InputError, OutputError
+from geoseg.errors import InputError, OutputError, write_failure
 
 __all__ = [
     "FeatureBatch",
@@ -212,8 +212,9 @@ class VectorWriter(ABC):
         if len(batch):
             try:
                 self._write(batch)
-            except OSError as e:
-                raise OutputError(f"{self.path}: write failed ({e})") from None
+            except Exception as e:  # GDAL, SQLite and Arrow each word a full disk their own way
+                self.abort()
+                raise write_failure(self.path, e, "write polygons") from None
             self.rows += len(batch)
 
     def close(self) -> Path:
@@ -222,10 +223,11 @@ class VectorWriter(ABC):
             return self.path
         try:
             self._finish()
+            self.verify(self.tmp)
             os.replace(self.tmp, self.path)
-        except OSError as e:
+        except Exception as e:
             self.abort()
-            raise OutputError(f"{self.path}: cannot publish ({e})") from None
+            raise write_failure(self.path, e, "finish the file") from None
         except BaseException:
             self.abort()
             raise
@@ -255,6 +257,12 @@ class VectorWriter(ABC):
             self.close()
         else:
             self.abort()
+
+    def verify(self, path: Path) -> None:
+        """Check the finished file before it is published: some writers report a full disk only as a log line
+        (GDAL drops a GeoPackage's spatial index that way), so the file itself is checked. Raises OSError."""
+        if not path.is_file() or path.stat().st_size == 0:
+            raise OSError(f"{path.name} is missing or empty after writing")
 
     @abstractmethod
     def _write(self, batch: FeatureBatch) -> None: ...
@@ -440,6 +448,13 @@ class GeoParquetWriter(VectorWriter):
         self._writer.add_key_value_metadata({"geo": json.dumps(self._geo_metadata())})
         self._writer.close()
         self._writer = None
+
+    def verify(self, path: Path) -> None:
+        """The footer parses and counts every row."""
+        super().verify(path)
+        rows = pq.read_metadata(path).num_rows
+        if rows != self.rows:
+            raise OSError(f"{path.name}: {rows} rows written of {self.rows}")
 
     def _release(self) -> None:
         if self._writer is not None:
@@ -680,6 +695,26 @@ class GPKGWriter(VectorWriter):
     def _finish(self) -> None:
         self._flush()
         self._add_style()
+
+    def verify(self, path: Path) -> None:
+        """Rows, spatial index and SQLite integrity: GDAL builds the R-tree when it closes the file and, when
+        the disk fills up then, only logs it (the layer reads fine but every spatial query is slow)."""
+        super().verify(path)
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            if con.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise OSError(f"{path.name}: SQLite integrity check failed")
+            rows = con.execute(f'SELECT count(*) FROM "{self.layer}"').fetchone()[0]
+            if rows != self.rows:
+                raise OSError(f"{path.name}: {rows} features written of {self.rows}")
+            rtree = f"rtree_{self.layer}_geom"
+            have = con.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (rtree,)).fetchone()[0]
+            if not have or con.execute(f'SELECT count(*) FROM "{rtree}"').fetchone()[0] != rows:
+                raise OSError(f"{path.name}: the spatial index was not written completely (disk full?)")
+        except sqlite3.Error as e:
+            raise OSError(f"{path.name}: unreadable after writing ({e})") from None
+        finally:
+            con.close()
 
     def _add_style(self) -> None:
         """The QGIS ``layer_styles`` table (QML + SLD), registered in ``gpkg_contents`` as QGIS does.
