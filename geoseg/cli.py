@@ -194,5 +194,24 @@ def info(input: str, model: str | None, overrides: tuple[str, ...]) -> None:
         _fail(e)
 
 
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set
+@click.option("--overwrite", is_flag=True, help="replace an existing bundle directory (train.out)")
+def train(config: str, overrides: tuple[str, ...], overwrite: bool) -> None:
+    """Train a model on Ray Train from CONFIG (YAML with a train: section); writes a model bundle."""
+    from geoseg.train.ray_train import load_train_config, train as train_model
+
+    try:
+        cfg = load_train_config(config, overrides)
+        summary = train_model(cfg, overwrite=overwrite)
+    except GeosegError as e:
+        _fail(e)
+    best = summary["best_epoch"]
+    click.echo(f"bundle     {summary['bundle']}")
+    click.echo(f"best epoch {best.get('epoch')}: val mIoU {best.get('val_miou')} {best.get('val_iou')}")
+    click.echo(f"halo       {summary['halo']['halo_px']} px (tiled vs whole agreement {summary['halo']['agreement']:.5f})")
+
+
 if __name__ == "__main__":
     main()

@@ -25,6 +25,7 @@ __all__ = [
     "StorageConfig",
     "OutputConfig",
     "VectorConfig",
+    "TrainConfig",
     "load_config",
     "config_from_dict",
     "apply_overrides",
@@ -135,6 +136,88 @@ class VectorConfig(_Section):
     exclude_classes: list[int | str] = Field(default_factory=list, description="drop these classes (ids or names)")
 
 
+class TrainSourceConfig(_Section):
+    """One set of training images and their labels (see geoseg/train/data.py for the three kinds)."""
+
+    kind: Literal["rasters", "polygons", "chips"] = Field(
+        "rasters", description="rasters: label rasters (reprojected onto each image's grid when they differ); "
+        "polygons: vector labels rasterized onto each image's grid; chips: images without georeferencing whose "
+        "grid comes from the same-named label mask"
+    )
+    images: list[str] = Field(description="image paths or globs; with stack_bands, single-band files of one scene")
+    labels: str = Field(description="label path; '{stem}' is replaced by each image's file name without suffix")
+    stack_bands: bool = Field(False, description="the images are the bands of ONE scene, stacked in order")
+    class_column: str | None = Field(None, description="polygons: attribute holding the class id or name")
+    class_value: int | None = Field(None, description="polygons: one class id for every feature")
+    label_map: dict[int, int] = Field(default_factory=dict, description="raw label value -> class id")
+    ignore_values: list[float] = Field(default_factory=list, description="label values that are not scored")
+    split: Literal["auto", "train", "val"] = Field("auto", description="auto: the validation split decides")
+
+
+class TrainClassConfig(_Section):
+    id: int = Field(ge=0, lt=255)
+    name: str = Field(min_length=1)
+    color: str = "#808080"
+
+
+class AugmentConfig(_Section):
+    flips: bool = True
+    rot90: bool = True
+    brightness: float = Field(0.25, ge=0, lt=1, description="random gain 1 +- this, per chip")
+    contrast: float = Field(0.25, ge=0, lt=1, description="random contrast 1 +- this around the chip mean")
+    channel_gain: float = Field(0.1, ge=0, lt=1, description="random per-band gain 1 +- this (colour balance)")
+    noise: float = Field(0.0, ge=0, description="Gaussian noise, in units of each band's training std")
+
+
+class ValSplitConfig(_Section):
+    by: Literal["file", "block"] = Field("file", description="hold out whole files, or spatial blocks")
+    fraction: float = Field(0.2, gt=0, lt=1)
+    block_px: int = Field(512, gt=0, description="block side for by=block (chips never cross a block)")
+    seed: int = 0
+
+
+class TrainConfig(_Section):
+    """``geoseg train``: data, model, optimisation and the bundle it writes."""
+
+    sources: list[TrainSourceConfig] = Field(default_factory=list)
+    classes: list[TrainClassConfig] = Field(default_factory=list)
+    object_classes: list[int | str] = Field(default_factory=list, description="classes scored per instance too")
+    band_names: list[str] | None = Field(None, description="default: the images' band descriptions, else b1..bn")
+    input_bands: list[int] | None = Field(None, description="1-based bands to use (default: all)")
+    name: str = "my-model"
+    version: str = "1.0"
+    description: str = ""
+    license: str = "unspecified"
+    attribution: str = "unspecified"
+    input_dtype: str | None = None
+    architecture: Literal["unet", "deeplabv3plus"] = "unet"
+    arch_params: dict[str, Any] = Field(default_factory=dict)
+    chip_px: int = Field(256, gt=0)
+    sampling: Literal["grid", "random", "balanced"] = "grid"
+    chips_per_epoch: int | None = Field(None, gt=0, description="random/balanced: chips drawn per epoch")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    val: ValSplitConfig = Field(default_factory=ValSplitConfig)
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(8, gt=0, description="chips per step per worker")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(0.5, ge=0)
+    loss: Literal["ce", "ce_dice"] = "ce_dice"
+    early_stopping_patience: int = Field(5, ge=1, description="epochs without a better val mIoU")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel)")
+    use_gpu: bool | None = Field(None, description="default: when the cluster has GPUs")
+    amp: bool = Field(True, description="mixed precision (on GPU only)")
+    torch_threads: int | None = Field(None, gt=0, description="threads per CPU worker (default: CPUs / workers)")
+    seed: int = 0
+    out: str | None = Field(None, description="bundle directory to write")
+    checkpoint_dir: str | None = Field(None, description="Ray Train storage (default: OUT.ckpt beside the bundle)")
+    resume: bool = Field(True, description="continue an interrupted run from its last checkpoint")
+    halo_max_px: int = Field(256, ge=0, description="largest halo tried when measuring it")
+    halo_images: int = Field(4, ge=1, description="validation images used to measure the halo")
+    max_steps_per_epoch: int | None = Field(None, gt=0, description="cap (smoke tests, benchmarks)")
+    max_val_chips: int | None = Field(None, gt=0)
+
+
 class JobConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     input: InputConfig = Field(default_factory=InputConfig)
@@ -143,6 +226,7 @@ class JobConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     vector: VectorConfig = Field(default_factory=VectorConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
     def _block_holds_whole_tiles(self):

@@ -1,0 +1,216 @@
+"""The training loop's pieces, without Ray: chip store, dataset, model, loss, one epoch, validation.
+
+``geoseg.train.ray_train`` runs these inside Ray Train workers (DDP); tests run them in-process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rasterio.windows import Window
+
+from geoseg.train.augment import augment
+from geoseg.train.data import IGNORE, Chip, Scene, load_labels, read_image
+
+__all__ = [
+    "ChipStore",
+    "ChipDataset",
+    "build_module",
+    "segmentation_loss",
+    "confusion_matrix",
+    "iou_from_confusion",
+    "cosine_with_warmup",
+    "run_epoch",
+    "validate",
+]
+
+
+class ChipStore:
+    """Reads chips (raw image, labels) of scenes, caching whole scenes up to ``max_bytes`` (LRU)."""
+
+    def __init__(self, scenes: list[Scene], class_ids: list[int], class_names: dict[str, int] | None = None,
+                 max_bytes: int = 1 << 30):
+        self.scenes = scenes
+        self.class_ids = class_ids
+        self.class_names = class_names or {}
+        self.max_bytes = max_bytes
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._bytes = 0
+
+    def _scene(self, i: int):
+        hit = self._cache.get(i)
+        if hit is not None:
+            self._cache.move_to_end(i)
+            return hit
+        s = self.scenes[i]
+        data, valid = read_image(s)
+        labels = load_labels(s, self.class_ids, self.class_names)
+        labels = np.where(valid, labels, IGNORE).astype(np.uint8)
+        item = (data, valid, labels)
+        size = data.nbytes + valid.nbytes + labels.nbytes
+        self._cache[i] = item
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._bytes -= sum(a.nbytes for a in old)
+        return item
+
+    def labels(self, i: int) -> np.ndarray:
+        return self._scene(i)[2]
+
+    def chip(self, c: Chip) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image float32 (bands, size, size), valid, labels uint8) of chip ``c``; outside the scene is IGNORE."""
+        data, valid, labels = self._scene(c.scene)
+        rows, cols = labels.shape
+        n = c.size
+        img = np.zeros((data.shape[0], n, n), np.float32)
+        v = np.zeros((n, n), bool)
+        lab = np.full((n, n), IGNORE, np.uint8)
+        r0, c0 = max(c.row, 0), max(c.col, 0)
+        r1, c1 = min(c.row + n, rows), min(c.col + n, cols)
+        if r1 > r0 and c1 > c0:
+            dst = (slice(r0 - c.row, r1 - c.row), slice(c0 - c.col, c1 - c.col))
+            img[(slice(None), *dst)] = data[:, r0:r1, c0:c1]
+            v[dst] = valid[r0:r1, c0:c1]
+            lab[dst] = labels[r0:r1, c0:c1]
+        return img, v, lab
+
+
+class ChipDataset(torch.utils.data.Dataset):
+    """Chips as normalised float32 tensors and int64 labels (IGNORE = 255), augmented when ``aug`` is given."""
+
+    def __init__(self, store: ChipStore, chips: list[Chip], mean: list[float], std: list[float], aug=None,
+                 seed: int = 0):
+        self.store, self.chips, self.aug, self.seed = store, chips, aug, seed
+        self.mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.chips)
+
+    def __getitem__(self, i: int):
+        img, valid, lab = self.store.chip(self.chips[i])
+        if self.aug is not None:
+            rng = np.random.default_rng([self.seed, i])
+            img, lab = augment(img, lab, valid, rng, self.aug, self.std.ravel())
+            valid = None
+        x = (img - self.mean) / self.std
+        if valid is not None:
+            x[:, ~valid] = 0
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(lab.astype(np.int64))
+
+
+def build_module(architecture: str, arch_params: dict, in_channels: int, num_classes: int) -> torch.nn.Module:
+    from geoseg.models import get_model
+
+    params = dict(arch_params)
+    params.update(in_channels=in_channels, num_classes=num_classes)
+    return get_model(architecture, **params)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "ce_dice") -> torch.Tensor:
+    """Cross-entropy (ignoring IGNORE), plus soft Dice over the classes present when ``kind`` is ce_dice."""
+    ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+    if kind == "ce":
+        return ce
+    known = target != IGNORE
+    if not known.any():
+        return ce
+    p = logits.float().softmax(dim=1)
+    k = p.shape[1]
+    t = F.one_hot(torch.where(known, target, 0), k).permute(0, 3, 1, 2).float()
+    m = known.unsqueeze(1).float()
+    inter = (p * t * m).sum(dim=(0, 2, 3))
+    denom = (p * m).sum(dim=(0, 2, 3)) + (t * m).sum(dim=(0, 2, 3))
+    present = (t * m).sum(dim=(0, 2, 3)) > 0
+    dice = (2 * inter + 1.0) / (denom + 1.0)
+    return ce + (1 - dice[present]).mean()
+
+
+def confusion_matrix(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, k: int) -> np.ndarray:
+    """k x k counts, rows = truth, columns = prediction; IGNORE truth is skipped."""
+    p = torch.as_tensor(pred).reshape(-1).long()
+    t = torch.as_tensor(target).reshape(-1).long()
+    keep = t != IGNORE
+    idx = t[keep] * k + p[keep].clamp(0, k - 1)
+    return torch.bincount(idx, minlength=k * k).reshape(k, k).cpu().numpy().astype(np.int64)
+
+
+def iou_from_confusion(cm: np.ndarray) -> np.ndarray:
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, tp / denom, np.nan)
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int):
+    """LambdaLR factor: linear warmup, then cosine to 1% of the base learning rate."""
+
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def run_epoch(module, loader, optimizer, scheduler, device, loss_kind: str = "ce_dice", scaler=None,
+              amp_dtype=None, max_steps: int | None = None, progress=None) -> dict:
+    """One pass of training over ``loader``; returns mean loss, chips and seconds."""
+    module.train()
+    total, n, steps = 0.0, 0, 0
+    t0 = time.monotonic()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        if amp_dtype is not None:
+            with torch.autocast(device_type=device.type, dtype=amp_dtype):
+                logits = module(x)
+            loss = segmentation_loss(logits, y, loss_kind)
+        else:
+            loss = segmentation_loss(module(x), y, loss_kind)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += float(loss.detach()) * x.shape[0]
+        n += x.shape[0]
+        steps += 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{total / max(n, 1):.4f}", refresh=False)
+        if max_steps and steps >= max_steps:
+            break
+    return {"loss": total / max(n, 1), "chips": n, "seconds": time.monotonic() - t0, "steps": steps}
+
+
+@torch.no_grad()
+def validate(module, loader, num_classes: int, device, amp_dtype=None) -> np.ndarray:
+    """Confusion matrix of ``module`` over ``loader`` (eval mode)."""
+    module.eval()
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    for x, y in loader:
+        x = x.to(device)
+        if amp_dtype is not None:
+            with torch.autocast(device_type=device.type, dtype=amp_dtype):
+                logits = module(x)
+        else:
+            logits = module(x)
+        cm += confusion_matrix(logits.argmax(1).cpu(), y, num_classes)
+    return cm
+
+
+def whole_window(scene: Scene) -> Window:
+    rows, cols = scene.shape
+    return Window(0, 0, cols, rows)
