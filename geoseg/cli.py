@@ -213,5 +213,34 @@ def train(config: str, overrides: tuple[str, ...], overwrite: bool) -> None:
     click.echo(f"halo       {summary['halo']['halo_px']} px (tiled vs whole agreement {summary['halo']['agreement']:.5f})")
 
 
+@main.command("eval")
+@click.argument("paths", nargs=-1)
+@click.option("--model", "model", default=None, help="predict --images with this model first, then score")
+@click.option("--images", "images", multiple=True, help="with --model: images (paths or globs), repeatable")
+@click.option("--labels", "labels", default=None,
+              help="with --model: label file or template with {stem} (each image's name without suffix)")
+@click.option("--out", "out", default=None, help="write the report (.json or .md); it is printed either way")
+@click.option("--object-class", "object_classes", multiple=True,
+              help="class (name or id) also scored per instance; default: class 1 of a two-class mask")
+@click.option("--label-map", "label_map", default=None, help="raw label value -> class id, e.g. 255:1,0:0")
+@click.option("--class-column", default=None, help="polygon labels: attribute with class ids or names")
+@click.option("--pred-dir", default=None, help="with --model: where predictions go (default: a temp directory)")
+@_set
+def eval_cmd(paths, model, images, labels, out, object_classes, label_map, class_column, pred_dir, overrides):
+    """Score a prediction mask PRED against LABELS (raster, GeoJSON, GPKG, GeoParquet), or with --model
+    predict --images and score them against --labels together. Labels are put on the prediction's grid."""
+    from geoseg.evaluate import run_eval
+
+    try:
+        report = run_eval(paths, model=model, images=images, labels=labels, out=out,
+                          object_classes=object_classes, label_map=label_map, class_column=class_column,
+                          pred_dir=pred_dir, overrides=overrides)
+    except GeosegError as e:
+        _fail(e)
+    from geoseg.evaluate import format_markdown
+
+    click.echo(format_markdown(report), nl=False)
+
+
 if __name__ == "__main__":
     main()

@@ -18,11 +18,15 @@ def augment(image: np.ndarray, labels: np.ndarray, valid: np.ndarray, rng: np.ra
     """A randomly transformed copy of (image, labels); ``valid`` marks real pixels (others stay 0)."""
     x = image.astype(np.float32, copy=True)
     y = labels
+    # every draw happens whatever the settings, so the geometry of a seed does not depend on them
+    u_gain, u_contrast = rng.uniform(-1, 1, size=2)
+    u_band = rng.uniform(-1, 1, size=(x.shape[0], 1, 1))
+    flip_lr, flip_ud, k = rng.random() < 0.5, rng.random() < 0.5, int(rng.integers(0, 4))
+    noise_seed = int(rng.integers(0, 2**31))
     if cfg.brightness or cfg.contrast or cfg.channel_gain:
-        gain = 1.0 + rng.uniform(-cfg.brightness, cfg.brightness) if cfg.brightness else 1.0
-        band_gain = (1.0 + rng.uniform(-cfg.channel_gain, cfg.channel_gain, size=(x.shape[0], 1, 1))
-                     if cfg.channel_gain else 1.0)
-        contrast = 1.0 + rng.uniform(-cfg.contrast, cfg.contrast) if cfg.contrast else 1.0
+        gain = 1.0 + cfg.brightness * u_gain
+        contrast = 1.0 + cfg.contrast * u_contrast
+        band_gain = 1.0 + cfg.channel_gain * u_band
         if valid.any():
             mean = x[:, valid].mean(axis=1).reshape(-1, 1, 1)
         else:
@@ -30,14 +34,13 @@ def augment(image: np.ndarray, labels: np.ndarray, valid: np.ndarray, rng: np.ra
         x = ((x - mean) * contrast + mean) * gain * band_gain
         x = np.maximum(x, 0.0) if image.min() >= 0 else x
     if cfg.noise and band_std is not None:
-        x = x + rng.normal(0.0, cfg.noise, size=x.shape).astype(np.float32) * band_std.reshape(-1, 1, 1)
+        noise = np.random.default_rng(noise_seed).normal(0.0, cfg.noise, size=x.shape).astype(np.float32)
+        x = x + noise * band_std.reshape(-1, 1, 1)
     x[:, ~valid] = 0
-    if cfg.flips and rng.random() < 0.5:
+    if cfg.flips and flip_lr:
         x, y = x[:, :, ::-1], y[:, ::-1]
-    if cfg.flips and rng.random() < 0.5:
+    if cfg.flips and flip_ud:
         x, y = x[:, ::-1, :], y[::-1, :]
-    if cfg.rot90:
-        k = int(rng.integers(0, 4))
-        if k:
-            x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
+    if cfg.rot90 and k:
+        x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
     return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y)

@@ -80,13 +80,15 @@ def prepare_plan(cfg: JobConfig) -> dict:
     if t.chip_px % 16:
         raise ConfigError(f"train.chip_px must be a multiple of 16 (the models' output strides); got {t.chip_px}")
     scenes = index_sources(t)
-    split = split_scenes(scenes, t.val, t.chip_px)
     class_ids = [c.id for c in t.classes]
     class_names = {c.name: c.id for c in t.classes}
     k = len(class_ids)
     from geoseg.train.loop import ChipStore
 
     store = ChipStore(scenes, class_ids, class_names, max_bytes=0)  # labels validated here, nothing kept
+    for s in scenes:  # every label file is read and checked before anything else
+        store.labels(s.index)
+    split = split_scenes(scenes, t.val, t.chip_px)
     hist = {"train": np.zeros(256, np.int64), "val": np.zeros(256, np.int64)}
     for side in ("train", "val"):
         for si, w in getattr(split, side):
