@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geoseg.models import _native
 from geoseg.models._exact import simd_inplace
 
 __all__ = ["DynamicWorldNet", "ConvBNMish", "SeparableResBlock", "antialias_downsample2", "bilinear_upsample2"]
@@ -80,6 +81,11 @@ def _mish_(x: torch.Tensor) -> None:
     F.mish(x, inplace=True)
 
 
+def _use_native(x: torch.Tensor) -> bool:
+    """The fused C kernels (``_native``) serve CPU float32 inference when they compiled; else PyTorch ops."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and _native.available()
+
+
 class ConvBNMish(nn.Module):
     """Conv (bias, zero 'same' padding) -> BatchNorm (eps 1e-3) -> Mish; ``depthwise`` makes it 3x3 per channel.
 
@@ -94,15 +100,33 @@ class ConvBNMish(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, groups=groups)
         self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return F.mish(self.bn(self.conv(x)))
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv's weight and bias with the eval-mode batch norm folded in."""
         bn = self.bn
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         weight = self.conv.weight * scale.view(-1, 1, 1, 1)
         bias = (self.conv.bias - bn.running_mean) * scale + bn.bias
+        return weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return F.mish(self.bn(self.conv(x)))
+        weight, bias = self.folded()
         y = F.conv2d(x, weight, bias, padding=self.conv.padding, groups=self.conv.groups)
         return simd_inplace(_mish_, y)
+
+    def native(self, x: torch.Tensor, arena: _native.Arena, **kw) -> torch.Tensor:
+        """Inference through the fused C kernels, output in ``arena``. 1x1: the raw conv, its Mish left to the
+        consumer (the depthwise kernel reading it, or the one adding the shortcut). Depthwise 3x3:
+        ``_native.dw3x3_mish`` with ``kw``."""
+        weight, bias = self.folded()
+        n, _, h, w = x.shape
+        out = kw.pop("out", None)
+        if out is None:
+            out = arena.take(n, self.conv.out_channels, h, w)
+        if self.conv.groups > 1:
+            return _native.dw3x3_mish(x, weight, bias, out=out, **kw)
+        return _native.conv_into(out, x, weight, bias, padding=self.conv.padding[0])
 
 
 class SeparableResBlock(nn.Module):
@@ -120,6 +144,25 @@ class SeparableResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(x) + self.shortcut(x)
+
+    def native(self, x: torch.Tensor, arena: _native.Arena, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused-kernel path: each 1x1 conv's Mish is applied by the depthwise kernel reading it, and the
+        shortcut (with its Mish) is added by the last depthwise kernel; ``out`` as in ``dw3x3_mish``.
+        ``x`` stays the caller's; intermediates go back to ``arena``."""
+        shortcut = self.shortcut.native(x, arena)
+        layers = list(self.main)
+        y = x
+        for i in range(0, len(layers), 2):
+            t = layers[i].native(y, arena)
+            if y is not x:
+                arena.give(y)
+            last = i + 2 == len(layers)
+            y = layers[i + 1].native(
+                t, arena, in_mish=True, add=shortcut if last else None, add_mish=True, out=out if last else None
+            )
+            arena.give(t)
+        arena.give(shortcut)
+        return y
 
 
 class DynamicWorldNet(nn.Module):
@@ -154,6 +197,8 @@ class DynamicWorldNet(nn.Module):
         size = (x.shape[-2], x.shape[-1])
         # oneDNN's convs run ~2x faster on NHWC than on NCHW (measured on CPU); results stay bit-stable per pixel.
         x = x.contiguous(memory_format=torch.channels_last)
+        if _use_native(x):
+            return self._forward_native(x, size)
         x = antialias_downsample2(self.stem(x))
         side = self.side(x)
         x = self.block2(self.block1(x))
@@ -162,3 +207,40 @@ class DynamicWorldNet(nn.Module):
         # tf.math.l2_normalize: x * rsqrt(max(sum(x^2), 1e-12))
         x = x * torch.rsqrt(torch.clamp_min((x * x).sum(dim=1, keepdim=True), 1e-12))
         return self.head(x).contiguous()
+
+    def _forward_native(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """CPU inference through ``_native``'s fused kernels: the same network, one pass over memory per layer.
+
+        Intermediates live in an arena kept on the module (reused by the next pass; a concurrent pass from
+        another thread gets a private one).
+        """
+        arena = self.__dict__.setdefault("_arena", _native.Arena())
+        if not arena.lock.acquire(blocking=False):
+            arena = _native.Arena()
+            arena.lock.acquire()
+        try:
+            return self._native_pass(x, size, arena)
+        finally:
+            arena.reclaim()  # after an exception some buffers are still out
+            arena.lock.release()
+
+    def _native_pass(self, x: torch.Tensor, size: tuple[int, int], arena: _native.Arena) -> torch.Tensor:
+        stem = _native.mish_(self.stem.native(x, arena))
+        x = antialias_downsample2(stem)
+        arena.give(stem)
+        n, _, h, w = x.shape
+        c2 = self.block2.shortcut.conv.out_channels
+        both = arena.take(n, c2 + self.side[1].conv.out_channels, h, w)
+        # block3 reads concat(block2, side): both write their channel slice of one tensor (no copy).
+        t = self.side[0].native(x, arena)
+        self.side[1].native(t, arena, in_mish=True, out=both[:, c2:])
+        arena.give(t)
+        t = self.block1.native(x, arena)
+        self.block2.native(t, arena, out=both[:, :c2])
+        arena.give(t)
+        x = self.block3.native(both, arena)
+        arena.give(both)
+        z = F.conv2d(x, self.head.weight)  # the 1x1 head commutes with the upsample (both linear)
+        out = _native.up2_l2_head(x, z, self.head.bias, size)
+        arena.give(x)
+        return out
