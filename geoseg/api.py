@@ -101,6 +101,7 @@ def prepare(cfg: JobConfig, card) -> list[ScenePlan]:
         raise ConfigError("input.paths is empty: give at least one raster (local path or s3://...)")
     if not cfg.output.dir:
         raise ConfigError("output.dir is not set: where should the outputs go?")
+    _check_settings(cfg, card)
     paths = store.expand_inputs(cfg.input.paths, cfg.storage)
     plans = [plan_scene(i, p, cfg, card) for i, p in enumerate(paths)]
     seen: dict[str, str] = {}
@@ -112,6 +113,39 @@ def prepare(cfg: JobConfig, card) -> list[ScenePlan]:
         seen[p.stem] = p.path
     _check_output_dir(cfg.output.dir)
     return plans
+
+
+def _check_settings(cfg: JobConfig, card) -> None:
+    """Settings that can be judged before any input is opened or any process started."""
+    if cfg.vector.enabled and (cfg.vector.include_classes is not None or cfg.vector.exclude_classes):
+        from geoseg.vectorize import resolve_classes
+
+        try:
+            resolve_classes(cfg.vector.include_classes, cfg.vector.exclude_classes, card.class_names)
+        except GeosegError as e:
+            raise ConfigError(str(e)) from None
+    rt = cfg.runtime
+    local = not (rt.address or os.environ.get("RAY_ADDRESS"))
+    if rt.device == "cuda" and local:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "runtime.device is 'cuda' but this machine has no usable CUDA device (torch "
+                f"{torch.__version__}, cuda build: {torch.version.cuda or 'no'}); use runtime.device=auto or cpu"
+            )
+    engine = cfg.runtime.engine
+    if local and engine != "local":
+        # An embedded Ray gets this machine's CPUs: more actors than CPUs would each hold a model in memory
+        # while waiting for a CPU (64 actors on 2 cores filled 13 GB), so refuse instead of oversubscribing.
+        have = rt.num_cpus or os.cpu_count() or 1
+        need = rt.workers * rt.cpus_per_worker
+        if need > have + 1e-9:
+            raise ConfigError(
+                f"runtime.workers={rt.workers} x runtime.cpus_per_worker={rt.cpus_per_worker:g} need {need:g} "
+                f"CPUs but this machine has {have}; lower them (fractions are allowed, e.g. "
+                f"runtime.cpus_per_worker={have / rt.workers:.2g}) or join a cluster with runtime.address"
+            )
 
 
 def _check_output_dir(out: str) -> None:

@@ -69,6 +69,13 @@ def _report(records) -> None:
         for kind, path in outs.items():
             click.echo(f"  {kind:9s} {path}")
         click.echo(f"  {'run':9s} {outs['mask'].rsplit('/', 1)[0]}/run.json")
+    done = [r for r in records if r]
+    if done and done[0]["config"]["output"].get("report", True):  # the run's page over its scenes' pages
+        from geoseg.config import StorageConfig
+        from geoseg.report import write_run_report
+
+        cfg = done[0]["config"]
+        click.echo(f"report      {write_run_report(cfg['output']['dir'], StorageConfig(**cfg['storage']))}")
 
 
 @click.group(cls=_Group)
@@ -136,7 +143,8 @@ def vectorize(mask: str, out: str, block_px: int, workers: int, overwrite: bool,
 
     try:
         cfg = config_from_dict(apply_overrides({}, overrides), source="--set")
-        written = vectorize_file(mask, out, cfg.vector, block_px=block_px, workers=workers, overwrite=overwrite)
+        written = vectorize_file(mask, out, cfg.vector, block_px=block_px, workers=workers, overwrite=overwrite,
+                                 storage=cfg.storage)
         for p in written if isinstance(written, (list, tuple)) else [written]:
             click.echo(str(p))
     except GeosegError as e:
@@ -177,6 +185,13 @@ def info(input: str, model: str | None, overrides: tuple[str, ...]) -> None:
         cfg = config_from_dict(apply_overrides({}, overrides), source="--set")
         with raster.open_raster(input, cfg.storage) as src:
             inf = raster.inspect(src, input)
+            results = None
+            if model:
+                from geoseg.io import contract
+                from geoseg.models import load_model
+
+                card = load_model(model).card
+                results = contract.checks(src, inf, card, cfg.input, cfg.runtime.max_pixels)
         rows, cols = inf.shape
         click.echo(f"{input}")
         click.echo(f"  size        {cols} x {rows} px (cols x rows), {inf.count} bands, {inf.dtype}")
@@ -184,12 +199,17 @@ def info(input: str, model: str | None, overrides: tuple[str, ...]) -> None:
         click.echo(f"  resolution  {inf.resolution[0]:.10g} x {inf.resolution[1]:.10g} (CRS units)")
         click.echo(f"  nodata      {inf.nodata}")
         click.echo(f"  bands       {', '.join(d or f'#{i + 1}' for i, d in enumerate(inf.descriptions))}")
-        if model:
-            from geoseg.models import load_model
+        if results is not None:
+            failed = [c for c in results if c.ok is False]
+            verdict = "fits" if not failed else f"does NOT fit ({len(failed)} failed checks)"
+            click.echo(f"  model       {card.name}: {verdict}")
+            for c in results:
+                mark = {True: "ok  ", False: "FAIL", None: "--  "}[c.ok]
+                click.echo(f"    {mark} {c.name:12s} {c.detail}")
+            if failed:
+                from geoseg.io import contract
 
-            card = load_model(model).card
-            bands = raster.resolve_bands(inf, card.bands, cfg.input.bands)
-            click.echo(f"  model       {card.name}: fits, bands {bands} -> {', '.join(card.bands)}")
+                contract.enforce(input, results)
     except GeosegError as e:
         _fail(e)
 
@@ -211,6 +231,55 @@ def train(config: str, overrides: tuple[str, ...], overwrite: bool) -> None:
     click.echo(f"bundle     {summary['bundle']}")
     click.echo(f"best epoch {best.get('epoch')}: val mIoU {best.get('val_miou')} {best.get('val_iou')}")
     click.echo(f"halo       {summary['halo']['halo_px']} px (tiled vs whole agreement {summary['halo']['agreement']:.5f})")
+
+
+@main.command()
+@click.argument("run_dir")
+@click.option("--out", "out", required=True, help="output file, local or s3:// (its suffix names the format)")
+@click.option("--aoi", default=None, help="area of interest: a vector file (local or s3://) or minx,miny,maxx,maxy "
+              "in EPSG:4326; polygons are clipped to it")
+@click.option("--classes", default=None, help="keep these classes (names or ids), e.g. built,water")
+@click.option("--crs", default=None, help="output CRS, e.g. EPSG:3035 (default: the scenes' own)")
+@click.option("--format", "fmt", type=click.Choice(["gpkg", "parquet", "fgb", "geojson", "shp", "csv"]),
+              default=None, help="output format (default: from the --out suffix); csv is the class-area table")
+@click.option("--min-area-m2", default=0.0, show_default=True, type=float, help="drop polygons smaller than this")
+@click.option("--dissolve", is_flag=True, help="one multipolygon per class")
+@click.option("--overwrite", is_flag=True, help="replace an existing output file")
+@_set
+def export(run_dir: str, out: str, aoi: str | None, classes: str | None, crs: str | None, fmt: str | None,
+           min_area_m2: float, dissolve: bool, overwrite: bool, overrides: tuple[str, ...]) -> None:
+    """Export a finished run (RUN_DIR, local or s3://) as one layer: merged across scenes, clipped to an AOI,
+    selected by class, reprojected. --set keys are storage.* settings."""
+    from geoseg.config import apply_overrides, config_from_dict
+    from geoseg.export import export_run
+
+    try:
+        cfg = config_from_dict(apply_overrides({}, overrides), source="--set")
+        res = export_run(run_dir, out, aoi=aoi, classes=classes, crs=crs, fmt=fmt, min_area_m2=min_area_m2,
+                         dissolve=dissolve, overwrite=overwrite, storage=cfg.storage)
+    except GeosegError as e:
+        _fail(e)
+    for p in res.paths:
+        click.echo(p)
+    click.echo(f"{res.features} features from {len(res.scenes)} scene(s) in {res.crs}, "
+               f"{res.areas['valid_ha']:.2f} ha valid, {res.seconds:.2f} s", err=True)
+
+
+@main.command()
+@click.argument("run_dir")
+@_set
+def report(run_dir: str, overrides: tuple[str, ...]) -> None:
+    """(Re)build report.html for every scene of RUN_DIR (local or s3://) and for the run.
+    --set keys are storage.* settings."""
+    from geoseg.config import apply_overrides, config_from_dict
+    from geoseg.report import build_reports
+
+    try:
+        cfg = config_from_dict(apply_overrides({}, overrides), source="--set")
+        for p in build_reports(run_dir, cfg.storage):
+            click.echo(p)
+    except GeosegError as e:
+        _fail(e)
 
 
 @main.command("eval")

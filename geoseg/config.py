@@ -48,6 +48,21 @@ class InputConfig(_Section):
     bands: list[int] | None = Field(
         None, description="1-based band indexes in the model's band order; default: matched by band description"
     )
+    scale: float = Field(
+        1.0, description="raw values are multiplied by this before the model, e.g. 10000 for reflectance 0-1 "
+        "given to a model whose card expects reflectance x 10000"
+    )
+    offset: float = Field(0.0, description="added to the raw values after input.scale")
+    skip_checks: list[Literal["value_range", "gsd"]] = Field(
+        default_factory=list, description="input-contract checks to skip when you know the input is right"
+    )
+
+    @field_validator("scale")
+    @classmethod
+    def _nonzero_scale(cls, v):
+        if v == 0 or v != v or v in (float("inf"), float("-inf")):
+            raise ValueError("must be a finite, non-zero number")
+        return v
 
     @field_validator("bands")
     @classmethod
@@ -89,6 +104,10 @@ class RuntimeConfig(_Section):
         None, gt=0, description="blocks read but not yet written; bounds memory (default: 2 per worker + 2)"
     )
     progress: Literal["auto", "bar", "log", "none"] = "auto"
+    max_pixels: int = Field(
+        50_000_000_000, gt=0, description="refuse a scene larger than this many pixels (a VRT or header that "
+        "declares an absurd size would otherwise plan millions of blocks); raise it for larger mosaics"
+    )
 
 
 class StorageConfig(_Section):
@@ -108,6 +127,7 @@ class OutputConfig(_Section):
     cog_blocksize_px: int = Field(512, gt=0, description="internal tile size of the mask COG")
     compress: Literal["deflate", "lzw", "zstd", "none"] = "deflate"
     overviews: bool = True
+    report: bool = Field(True, description="write report.html + preview.png per scene (geoseg report rebuilds them)")
 
     @field_validator("cog_blocksize_px")
     @classmethod
@@ -251,7 +271,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"unknown key {key!r}" + (f" (valid keys here: {valid})" if valid else ""))
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg} (got {e.get('input')!r})")
+            got = e.get("input")
+            # A check across keys gets the whole section as its input: name the keys, never dump the dict.
+            shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r:.120})"
+            lines.append(f"{key}: {msg}{shown}")
     return f"{source}: invalid configuration: " + "; ".join(lines)
 
 
@@ -314,4 +337,21 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    data = _relative_to(data, p.parent)
     return config_from_dict(apply_overrides(data or {}, overrides), source=str(p))
+
+
+def _relative_to(data: Any, base: Path) -> Any:
+    """Relative local input paths in a job file are relative to the file's folder, not to where the job is
+    started (``geoseg run configs/job.yaml`` and ``cd configs; geoseg run job.yaml`` read the same scenes).
+    ``--set`` values stay relative to the working directory, like any command-line path."""
+    if not isinstance(data, dict) or not isinstance(data.get("input"), dict):
+        return data
+    paths = data["input"].get("paths")
+    if not isinstance(paths, list):
+        return data
+    fixed = [
+        str(base / q) if isinstance(q, str) and q and "://" not in q and not Path(q).is_absolute() else q
+        for q in paths
+    ]
+    return {**data, "input": {**data["input"], "paths": fixed}}

@@ -94,7 +94,7 @@ def exit_code(e: BaseException) -> int:
 _DISK_FULL = ("no space left", "disk is full", "disk full", "quota exceeded", "file too large")
 
 
-def write_failure(path, e: BaseException, action: str = "write it") -> GeosegError:
+def write_failure(path, e: BaseException, action: str = "write it") -> BaseException:
     """The error for a failed write of ``path``: disk full (or a quota) is a ``StorageError`` that a rerun
     after freeing space resumes from; anything else an ``OutputError`` quoting the library's reason."""
     import errno
@@ -109,4 +109,7 @@ def write_failure(path, e: BaseException, action: str = "write it") -> GeosegErr
             f"{path}: no space left on device while trying to {action}; free space and rerun the same "
             "command: finished blocks are kept and the run resumes"
         )
-    return OutputError(f"{path}: cannot {action} ({text})")
+    io_library = type(e).__module__.split(".")[0] in ("rasterio", "pyogrio", "pyarrow", "sqlite3", "fiona")
+    if isinstance(e, OSError) or io_library:
+        return OutputError(f"{path}: cannot {action} ({text})")
+    return e  # not an I/O failure: a bug, which must surface as one (exit code 1), not as an output error

@@ -19,6 +19,7 @@ the actors compute, so an actor always has a block waiting (``2 x workers + 2`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -51,10 +52,30 @@ def init_ray(cfg: JobConfig) -> bool:
         # embedded default can never deadlock with every CPU held by an actor.
         need = rt.workers * rt.cpus_per_worker + 2 * rt.cpus_per_task
         store_mb = rt.object_store_mb
-        ray.init(num_cpus=rt.num_cpus or max(os.cpu_count() or 1, int(need + 0.999)),
-                 object_store_memory=store_mb * 2**20 if store_mb else None,
-                 include_dashboard=False, log_to_driver=True)
+        from geoseg import _reaper
+
+        _reaper.start()  # ends this Ray's processes within a second or two of the driver, even after SIGKILL
+        with _quiet_ray_start():
+            ray.init(num_cpus=rt.num_cpus or max(os.cpu_count() or 1, int(need + 0.999)),
+                     object_store_memory=store_mb * 2**20 if store_mb else None,
+                     include_dashboard=False, log_to_driver=True)
     return True
+
+
+@contextlib.contextmanager
+def _quiet_ray_start():
+    """Starting a private local Ray prints a token-authentication WARNING every time; it is a notice about
+    Ray's defaults, not a problem of the job, and a successful run must print no warnings."""
+    names = ["ray._private.authentication.authentication_token_setup"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _check_resources(cfg: JobConfig, gpus: float) -> None:
@@ -68,6 +89,9 @@ def _check_resources(cfg: JobConfig, gpus: float) -> None:
             f"runtime.cpus_per_task={rt.cpus_per_task} need {need_cpu:g} CPUs; the Ray cluster has "
             f"{have.get('CPU', 0):g}. Lower them (fractions are allowed) or add nodes"
         )
+    if rt.device == "cuda" and not have.get("GPU", 0):
+        raise ConfigError("runtime.device is 'cuda' but the Ray cluster has no GPUs; use runtime.device=auto "
+                          "or cpu, or add GPU nodes")
     if gpus and rt.workers * gpus > have.get("GPU", 0) + 1e-9:
         raise ConfigError(
             f"runtime.workers={rt.workers} x runtime.num_gpus_per_worker={gpus:g} need "
@@ -79,28 +103,35 @@ def _check_resources(cfg: JobConfig, gpus: float) -> None:
 class InferenceActor:
     """Holds one model on its device (loaded once) and predicts whole blocks, tiles batched."""
 
-    def __init__(self, model, device: str, batch_size: int | None, autocast: str, threads: int = 1):
+    def __init__(self, device: str, batch_size: int | None, autocast: str, threads: int = 1):
         import torch
 
-        from geoseg.infer import Predictor
-
         torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor, no more
-        self.predictor = Predictor(model, device, batch_size, autocast)
+        self.settings = (device, batch_size, autocast)
+        self.predictor = None
 
-    def predict(self, plan: ScenePlan, row: int, col: int, read) -> BlockResult:
+    def _predictor(self, model_box: list):
+        # The model arrives with the first block, as a reference inside a list (not resolved per call), and
+        # loads once. Not a constructor argument: an object-store argument of a restartable actor makes Ray
+        # log an error-level line at every start (ray-project/ray#53727). A restarted actor loads it again
+        # from the next block's call; the driver holds the reference for the whole job.
+        if self.predictor is None:
+            from geoseg.infer import Predictor
+
+            self.predictor = Predictor(ray.get(model_box[0]), *self.settings)
+        return self.predictor
+
+    def predict(self, plan: ScenePlan, row: int, col: int, read, model_box: list) -> BlockResult:
         block = plan.grid.block(row, col)
         if isinstance(read, BlockResult):  # the read task already failed
             return read
         data, valid = read
         try:
-            pred = self.predictor.predict_block(block, data, valid)
+            pred = self._predictor(model_box).predict_block(block, data, valid)
         except Exception as e:
             return BlockResult(plan.index, block.id, row, col, None, error=_failure(plan, block, e))
         return BlockResult(plan.index, block.id, row, col, pred.mask, pred.tiles_inferred, pred.tiles_skipped,
                            pred.model_calls)
-
-    def device(self) -> str:
-        return str(self.predictor.device)
 
 
 def _read(plan: ScenePlan, row: int, col: int):
@@ -157,7 +188,7 @@ def ray_engine(plans: list[ScenePlan], items: list[WorkItem], cfg: JobConfig, mo
                 runtime_env={"env_vars": _WORKER_ENV},
             )
             threads = max(1, int(rt.cpus_per_worker))
-            actors = [actor_cls.remote(model_ref, rt.device, rt.batch_size, cfg.model.autocast, threads)
+            actors = [actor_cls.remote(rt.device, rt.batch_size, cfg.model.autocast, threads)
                       for _ in range(rt.workers)]
             load = {i: 0 for i in range(len(actors))}
             log.info("%d inference workers, %.2f GPU each", len(actors), gpus)
@@ -178,12 +209,13 @@ def ray_engine(plans: list[ScenePlan], items: list[WorkItem], cfg: JobConfig, mo
                     a = min(load, key=load.get)
                     load[a] += 1
                     read_ref = read_task.remote(plan, item.row, item.col)
-                    pred_ref = actors[a].predict.remote(plan, item.row, item.col, read_ref)
+                    pred_ref = actors[a].predict.remote(plan, item.row, item.col, read_ref, [model_ref])
                     ref = finish_task.remote(plan, item.row, item.col, pred_ref, cfg)
                     pending[ref] = (item, a)
             if not pending:
                 break
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            # A timeout returns control to Python often, so SIGINT / SIGTERM are acted on at once.
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
                 item, a = pending.pop(ref)
                 if a is not None:

@@ -111,6 +111,13 @@ def inspect(src: rasterio.DatasetReader, path: str | None = None) -> RasterInfo:
         )
     if t.a == 0 or t.e == 0 or not all(math.isfinite(v) for v in tuple(t)[:6]):
         raise InputError(f"{path}: invalid geotransform {tuple(t)[:6]}")
+    if t.e > 0 or t.a < 0:
+        # Georeferencing would be exact, but the model would see a mirrored image (and map it wrongly).
+        kind = "south-up (positive pixel height)" if t.e > 0 else "east-to-west (negative pixel width)"
+        raise InputError(
+            f"{path}: {kind} geotransform {tuple(t)[:6]}: the model would see a mirrored image; warp it "
+            "north-up first (e.g. gdalwarp in.tif out.tif, which writes north-up)"
+        )
     _probe_last_block(src, path)
     return RasterInfo(
         path=str(path),
@@ -133,12 +140,31 @@ def _probe_last_block(src: rasterio.DatasetReader, path: str) -> None:
         raise InputError(f"{path}: truncated or corrupt raster ({_gdal_reason(e)})") from None
 
 
+# Names of the same band in other spellings (compared after upper-casing).
+_ALIASES = {"R": "RED", "G": "GREEN", "B": "BLUE", "N": "NIR", "NIR1": "NIR", "NEAR-INFRARED": "NIR",
+            "NEAR_INFRARED": "NIR", "NEARINFRARED": "NIR"}
+
+
+def _band_name(name: str | None) -> str | None:
+    """A comparable band name, or None for an unnamed band (empty, or GDAL-style "Band 3")."""
+    if not name or not name.strip():
+        return None
+    n = name.strip().upper()
+    if n.replace(" ", "").replace("_", "").removeprefix("BAND").isdigit():
+        return None  # "Band 1", "band_1": a position, not a name
+    # Sentinel-2 / Landsat style names: B08 and B8 are the same band, B8A stays itself.
+    if len(n) >= 2 and n[0] == "B" and n[1:].isdigit():
+        n = "B" + str(int(n[1:]))
+    return _ALIASES.get(n, n)
+
+
 def resolve_bands(info: RasterInfo, model_bands: list[str], bands: list[int] | None) -> list[int]:
     """The 1-based band indexes to feed the model, in the model's band order.
 
-    ``bands`` from the config wins; otherwise the model's band names are matched against the raster's band
-    descriptions (case-insensitive, ``B08`` == ``B8``); otherwise a raster with exactly as many bands as the
-    model takes them in order.
+    ``bands`` from the config wins. Otherwise, when the raster names its bands (band descriptions), the
+    model's band names must all be found among them (case-insensitive, ``B08`` == ``B8``, ``red`` == ``R``):
+    named bands are never taken by position, since a 9-band B1..B8A file fed as B2..B12 maps nonsense. Only a
+    raster whose bands are all unnamed is taken in order, and only with exactly the model's band count.
     """
     need = len(model_bands)
     if bands is not None:
@@ -152,52 +178,64 @@ def resolve_bands(info: RasterInfo, model_bands: list[str], bands: list[int] | N
             raise InputError(f"{info.path}: input.bands {over} out of range; the raster has {info.count} bands")
         return list(bands)
 
-    def norm(name: str | None) -> str | None:
-        if not name:
-            return None
-        n = name.strip().upper()
-        # Sentinel-2 style names: B08 and B8 are the same band, B8A stays itself.
-        if len(n) >= 2 and n[0] == "B" and n[1:].isdigit():
-            n = "B" + str(int(n[1:]))
-        return n
-
-    desc = [norm(d) for d in info.descriptions]
-    if any(desc):
-        idx = []
-        for b in model_bands:
-            nb = norm(b)
-            if nb in desc:
-                idx.append(desc.index(nb) + 1)
-        if len(idx) == need:
-            return idx
-    if info.count == need:
-        return list(range(1, need + 1))
     if info.count < need:
         raise InputError(
             f"{info.path}: has {info.count} bands but the model needs {need} ({', '.join(model_bands)})"
         )
+    desc = [_band_name(d) for d in info.descriptions]
+    if any(desc):
+        idx, missing = [], []
+        for b in model_bands:
+            nb = _band_name(b) or b.upper()
+            if nb in desc:
+                idx.append(desc.index(nb) + 1)
+            else:
+                missing.append(b)
+        if not missing:
+            return idx
+        named = [d if d else f"#{i + 1}" for i, d in enumerate(info.descriptions)]
+        raise InputError(
+            f"{info.path}: its bands are named {named} but the model needs {', '.join(model_bands)} "
+            f"(missing: {', '.join(missing)}); if the bands are right under other names, choose them with "
+            "input.bands (1-based, in the model's order)"
+        )
+    if info.count == need:
+        return list(range(1, need + 1))
     raise InputError(
-        f"{info.path}: has {info.count} bands whose descriptions {list(info.descriptions)} do not name the "
-        f"model's bands ({', '.join(model_bands)}); choose them with input.bands (1-based)"
+        f"{info.path}: has {info.count} unnamed bands but the model needs {need} ({', '.join(model_bands)}); "
+        "choose them with input.bands (1-based, in the model's order)"
     )
 
 
 def read_window(
-    src: rasterio.DatasetReader, window: Window, bands: list[int]
+    src: rasterio.DatasetReader, window: Window, bands: list[int], *, fill: float | None = None,
+    scale: float = 1.0, offset: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``bands`` in ``window``: (data (bands, rows, cols) in the file's dtype, valid (rows, cols) bool).
+    """Read ``bands`` in ``window``: (data (bands, rows, cols), valid (rows, cols) bool).
 
     A pixel is valid only if it is valid in every used band: the dataset's per-band masks (nodata value,
-    internal mask or alpha), and not NaN.
+    internal mask or alpha), and finite (not NaN or inf). With ``scale`` / ``offset`` the values become
+    float32 ``x * scale + offset``. With ``fill``, every invalid band value (nodata, NaN, inf) is replaced by
+    ``fill``, so the model never sees NaN or an arbitrary nodata value: a pixel next to a NaN is predicted
+    exactly as if that pixel had been nodata from the start.
     """
     try:
         data = src.read(bands, window=window)
         masks = src.read_masks(bands, window=window)
     except RasterioError as e:
         raise InputError(f"{src.name}: read failed in window {_fmt(window)} ({_gdal_reason(e)})") from None
-    valid = np.all(masks > 0, axis=0)
+    band_ok = masks > 0
     if data.dtype.kind == "f":
-        valid &= np.all(np.isfinite(data), axis=0)
+        band_ok &= np.isfinite(data)
+    valid = np.all(band_ok, axis=0)
+    if scale != 1.0 or offset != 0.0:
+        data = data.astype(np.float32) * np.float32(scale) + np.float32(offset)
+    if fill is not None and not band_ok.all():
+        if data.dtype.kind != "f":
+            lim = np.iinfo(data.dtype)
+            if not (float(fill).is_integer() and lim.min <= fill <= lim.max):
+                data = data.astype(np.float32)
+        data[~band_ok] = fill
     return data, valid
 
 

@@ -182,6 +182,21 @@ class ModelCard(_Frozen):
     nodata_value: int = Field(255, ge=0, le=255, description="class value written where input is nodata")
     output_stride: int = Field(ge=1, description="tiles must start on multiples of this many pixels")
     halo_px: int = Field(ge=0, description="context around a tile that makes tiled inference exact")
+    # The input contract, checked for every scene before any compute (geoseg.io.contract).
+    fill_value: float = Field(
+        0.0, description="raw value the model sees where the input is invalid (nodata, NaN, inf), before "
+        "normalisation: invalid pixels never reach the network as NaN or as an arbitrary nodata value"
+    )
+    value_range: tuple[float, float] | None = Field(
+        None, description="typical range of raw input values, e.g. [0, 10000] for reflectance x 10000; a "
+        "sample far outside it (reflectance 0-1 given as digital numbers) is refused"
+    )
+    gsd_range_m: tuple[float, float] | None = Field(
+        None, description="pixel sizes the model accepts, metres (default: gsd_m / 1.5 to gsd_m * 1.5)"
+    )
+    min_input_px: int | None = Field(
+        None, ge=1, description="smallest input side the network accepts, pixels (default: output_stride)"
+    )
     license: str
     attribution: str
     description: str = ""
@@ -206,7 +221,23 @@ class ModelCard(_Frozen):
             n = torch.as_tensor(value).shape[0] if torch.as_tensor(value).ndim else None
             if n is not None and n != len(self.bands):
                 raise ValueError(f"normalization.params.{key}: {n} entries for {len(self.bands)} bands")
+        for key in ("value_range", "gsd_range_m"):
+            lo_hi = getattr(self, key)
+            if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+                raise ValueError(f"{key}: must be [low, high] with low < high; got {list(lo_hi)}")
+        if self.gsd_range_m is not None and not self.gsd_range_m[0] <= self.gsd_m <= self.gsd_range_m[1]:
+            raise ValueError(f"gsd_range_m {list(self.gsd_range_m)} does not contain gsd_m {self.gsd_m}")
         return self
+
+    @property
+    def accepted_gsd_m(self) -> tuple[float, float]:
+        """The pixel sizes (metres) the model accepts."""
+        return self.gsd_range_m or (self.gsd_m / 1.5, self.gsd_m * 1.5)
+
+    @property
+    def min_side_px(self) -> int:
+        """The smallest raster side (rows or cols) the network accepts."""
+        return self.min_input_px or self.output_stride
 
     @property
     def num_classes(self) -> int:
