@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from geoseg import __version__
+from geoseg.areas import mask_class_areas
 from geoseg.config import JobConfig, StorageConfig
 from geoseg.errors import OutputError, write_failure
 from geoseg.grid import Block, TileGrid
@@ -73,12 +74,18 @@ class ScenePlan:
     out_dir: str
     storage: StorageConfig
     sieve_px: int = 0  # minimum mapping unit in pixels (0: none); needs a second pass over the mask
+    fill_value: float = 0.0  # what the model sees in place of invalid input (the card's fill_value)
+    scale: float = 1.0  # input.scale / input.offset: raw values -> the model's units
+    offset: float = 0.0
 
 
 def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
-    """Open and validate ``path`` against the model card and the tiling config."""
+    """Open and validate ``path`` against the model card (the input contract) and the tiling config."""
+    from geoseg.io import contract
+
     with raster.open_raster(path, cfg.storage) as src:
         info = raster.inspect(src, path)
+        contract.enforce(path, contract.checks(src, info, card, cfg.input, cfg.runtime.max_pixels))
     bands = raster.resolve_bands(info, card.bands, cfg.input.bands)
     halo = card.halo_px if cfg.tiling.halo_px is None else cfg.tiling.halo_px
     grid = TileGrid(
@@ -91,7 +98,8 @@ def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
         from geoseg.vectorize import sieve_size_px
 
         sieve_px = sieve_size_px(cfg.vector.sieve_px, cfg.vector.min_area_m2, info.transform, info.crs, info.shape)
-    return ScenePlan(index, path, scene_stem(path), info, bands, grid, out_dir, cfg.storage, sieve_px)
+    return ScenePlan(index, path, scene_stem(path), info, bands, grid, out_dir, cfg.storage, sieve_px,
+                     fill_value=card.fill_value, scale=cfg.input.scale, offset=cfg.input.offset)
 
 
 # Worker processes keep their datasets open between blocks of the same scene (one open per scene, not per
@@ -115,7 +123,8 @@ def _dataset(plan: ScenePlan):
 
 def read_block(plan: ScenePlan, block: Block) -> tuple[np.ndarray, np.ndarray]:
     """Read a block's window (block + halo) in the model's bands: (data, valid)."""
-    return raster.read_window(_dataset(plan), block.read, plan.bands)
+    return raster.read_window(_dataset(plan), block.read, plan.bands, fill=plan.fill_value, scale=plan.scale,
+                              offset=plan.offset)
 
 
 @dataclass
@@ -401,9 +410,16 @@ class SceneWriter:
             "stats": dict(self.stats, blocks_failed=len(self.failed)),
             "failed_blocks": dict(sorted(self.failed.items())),
             "class_pixel_counts": self.mask_writer.class_pixel_counts(),
+            "class_areas": mask_class_areas(local["mask"], self.card.class_names, nodata=NODATA),
             "timings_s": dict(timings or {}, wall=round(time.time() - self.t0, 3)),
             "outputs": dict(files),
         }
+        if self.cfg.output.report:  # report.html + preview.png, from the local mask; linked from run.json
+            from geoseg.report import write_scene_report
+
+            for kind, path in write_scene_report(self.work, record, mask=local["mask"], storage=self.storage).items():
+                local[kind] = path
+                files[kind] = record["outputs"][kind] = store.join(self.out_dir, path.name)
         local["run"] = self.work / "run.json"
         local["run"].write_bytes(json.dumps(record, indent=1).encode())
         files["run"] = self.run_record
