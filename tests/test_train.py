@@ -297,7 +297,7 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
                     _area2(bld, "val", 2, split="val")],
         "arch_params": {"base_channels": 4, "depth": 2}, "chip_px": 128, "batch_size": 2,
         "epochs": 8, "max_steps_per_epoch": 3, "num_workers": 2, "use_gpu": False, "torch_threads": 1,
-        "halo_max_px": 48, "halo_images": 1, "out": str(out), "checkpoint_dir": str(ckpt),
+        "early_stopping_patience": 20, "halo_max_px": 48, "halo_images": 1, "out": str(out), "checkpoint_dir": str(ckpt),
     }, "runtime": {"address": address}}
     cfg_path = tmp_path / "train.yaml"
     cfg_path.write_text(yaml.safe_dump(job))
@@ -306,7 +306,15 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
     first = _geoseg("train", str(cfg_path))
     run_dir = ckpt / "geoseg-train"
     deadline = time.monotonic() + 180
-    while not (run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())):
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # written once Ray Train has registered a checkpoint
+
+    def registered() -> bool:
+        try:
+            return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+        except (OSError, ValueError):
+            return False
+
+    while not registered():
         assert first.poll() is None, first.stdout.read()
         assert time.monotonic() < deadline, "no checkpoint within 180 s"
         time.sleep(0.2)
