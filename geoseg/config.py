@@ -210,6 +210,10 @@ class TrainConfig(_Section):
     license: str = "unspecified"
     attribution: str = "unspecified"
     input_dtype: str | None = None
+    gsd_range_m: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="pixel sizes the model accepts, metres (default: the "
+        "training images' range widened 1.5x each way)"
+    )
     architecture: Literal["unet", "deeplabv3plus"] = "unet"
     arch_params: dict[str, Any] = Field(default_factory=dict)
     chip_px: int = Field(256, gt=0)

@@ -21,10 +21,18 @@ AGREEMENT_TOLERANCE = 1e-4
 
 
 def make_card(tcfg, *, band_names: list[str], mean: list[float], std: list[float], gsd_m: float, dtype: str,
-              output_stride: int, halo_px: int, arch_params: dict, extra_description: str = "") -> ModelCard:
+              output_stride: int, halo_px: int, arch_params: dict, extra_description: str = "",
+              gsd_range_m: list[float] | None = None, value_range: list[float] | None = None) -> ModelCard:
     classes = [ClassInfo(id=c.id, name=c.name, color=c.color) for c in tcfg.classes]
     desc = (tcfg.description + (" " if tcfg.description else "") + extra_description).strip()
+    extra = {}
+    # input-contract fields, where this version of the card has them
+    if gsd_range_m is not None and "gsd_range_m" in ModelCard.model_fields:
+        extra["gsd_range_m"] = [round(float(gsd_range_m[0]), 4), round(float(gsd_range_m[1]), 4)]
+    if value_range is not None and "value_range" in ModelCard.model_fields:
+        extra["value_range"] = [float(value_range[0]), float(value_range[1])]
     return ModelCard(
+        **extra,
         name=tcfg.name, version=tcfg.version, architecture=tcfg.architecture, arch_params=arch_params,
         bands=band_names, input_dtype=tcfg.input_dtype or f"{dtype} raw values as in the training images",
         normalization=Normalization(name="standardize", params={"mean": mean, "std": std}),

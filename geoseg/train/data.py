@@ -44,6 +44,7 @@ __all__ = [
     "random_chips",
     "balanced_weights",
     "band_stats",
+    "band_summary",
     "scene_gsd_m",
     "class_histogram",
 ]
@@ -546,7 +547,15 @@ def balanced_weights(chip_hists: np.ndarray, class_ids: list[int]) -> np.ndarray
 def band_stats(scenes: list[Scene], regions: list[tuple[int, Window]], step: int = 4
                ) -> tuple[list[float], list[float]]:
     """Per-band mean and std over the valid pixels of the training regions (every ``step``-th pixel)."""
+    mean, std, _, _ = band_summary(scenes, regions, step)
+    return mean, std
+
+
+def band_summary(scenes: list[Scene], regions: list[tuple[int, Window]], step: int = 4
+                 ) -> tuple[list[float], list[float], float, float]:
+    """Per-band mean and std, and the smallest and largest value, over the valid training pixels."""
     total = None
+    lo, hi = math.inf, -math.inf
     for si, w in regions:
         data, valid = read_image(scenes[si], w)
         d = data[:, ::step, ::step].astype(np.float64)
@@ -554,6 +563,7 @@ def band_stats(scenes: list[Scene], regions: list[tuple[int, Window]], step: int
         if not v.any():
             continue
         x = d[:, v]
+        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
         acc = np.stack([np.full(x.shape[0], x.shape[1], dtype=np.float64), x.sum(1), (x * x).sum(1)])
         total = acc if total is None else total + acc
     if total is None:
@@ -562,7 +572,7 @@ def band_stats(scenes: list[Scene], regions: list[tuple[int, Window]], step: int
     mean = s1 / n
     std = np.sqrt(np.maximum(s2 / n - mean**2, 0))
     std = np.where(std > 1e-6, std, 1.0)
-    return [float(v) for v in mean], [float(v) for v in std]
+    return [float(v) for v in mean], [float(v) for v in std], lo, hi
 
 
 def scene_path_list(scenes: list[Scene]) -> list[str]:

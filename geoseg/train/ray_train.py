@@ -29,7 +29,7 @@ from geoseg.train.data import (
     IGNORE,
     Chip,
     balanced_weights,
-    band_stats,
+    band_summary,
     class_histogram,
     grid_chips,
     index_sources,
@@ -86,12 +86,16 @@ def prepare_plan(cfg: JobConfig) -> dict:
     from geoseg.train.loop import ChipStore
 
     store = ChipStore(scenes, class_ids, class_names, max_bytes=0)  # labels validated here, nothing kept
+    whole_hist = {}
     for s in scenes:  # every label file is read and checked before anything else
-        store.labels(s.index)
+        whole_hist[s.index] = class_histogram(store.labels(s.index))
     split = split_scenes(scenes, t.val, t.chip_px)
     hist = {"train": np.zeros(256, np.int64), "val": np.zeros(256, np.int64)}
     for side in ("train", "val"):
         for si, w in getattr(split, side):
+            if (int(w.height), int(w.width)) == scenes[si].shape:
+                hist[side] += whole_hist[si]
+                continue
             lab = store.labels(si)
             r0, c0 = int(w.row_off), int(w.col_off)
             hist[side] += class_histogram(lab[r0:r0 + int(w.height), c0:c0 + int(w.width)])
@@ -115,9 +119,13 @@ def prepare_plan(cfg: JobConfig) -> dict:
             lab = store.labels(c.scene)
             hists.append(class_histogram(lab[max(c.row, 0):c.row + c.size, max(c.col, 0):c.col + c.size]))
         weights = balanced_weights(np.stack(hists), class_ids)
-    mean, std = band_stats(scenes, split.train)
+    mean, std, vmin, vmax = band_summary(scenes, split.train)
     train_scenes = sorted({si for si, _ in split.train})
-    gsd = float(np.median([scene_gsd_m(scenes[i]) for i in train_scenes]))
+    gsds = [scene_gsd_m(scenes[i]) for i in train_scenes]
+    gsd = float(math.sqrt(min(gsds) * max(gsds)))  # the middle (log scale) of the training pixel sizes
+    gsd_range = list(t.gsd_range_m) if t.gsd_range_m else [min(gsds) / 1.5, max(gsds) * 1.5]
+    if not gsd_range[0] <= gsd <= gsd_range[1]:
+        raise ConfigError(f"train.gsd_range_m {gsd_range} does not contain the training pixel size {gsd:.4g} m")
     band_names = _band_names(t, scenes)
     fingerprint = hashlib.sha256(json.dumps({
         "arch": t.architecture, "arch_params": t.arch_params, "classes": [c.model_dump() for c in t.classes],
@@ -138,6 +146,9 @@ def prepare_plan(cfg: JobConfig) -> dict:
         "mean": mean,
         "std": std,
         "gsd_m": gsd,
+        "gsd_range_m": gsd_range,
+        "gsd_train_m": [min(gsds), float(np.median(gsds)), max(gsds)],
+        "value_range": [vmin, vmax],
         "band_names": band_names,
         "dtype": scenes[0].dtype,
         "fingerprint": fingerprint,
@@ -395,7 +406,8 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
     arch_params = dict(t.arch_params, in_channels=len(plan["band_names"]), num_classes=k)
     stride = int(getattr(module, "output_stride", 16))
     card = make_card(t, band_names=plan["band_names"], mean=plan["mean"], std=plan["std"], gsd_m=plan["gsd_m"],
-                     dtype=plan["dtype"], output_stride=stride, halo_px=0, arch_params=arch_params)
+                     dtype=plan["dtype"], output_stride=stride, halo_px=0, arch_params=arch_params,
+                     gsd_range_m=plan.get("gsd_range_m"), value_range=plan.get("value_range"))
     images = []
     seen = []
     for si, w in plan["regions_val"]:
@@ -477,3 +489,30 @@ def load_train_config(path: str | Path, overrides=()) -> JobConfig:
         raise ConfigError(f"{p}: not valid YAML ({e})") from None
     data = _resolve_train_paths(data, p.parent)
     return config_from_dict(apply_overrides(data, overrides), source=str(p))
+
+
+def latest_checkpoint_state(cfg: JobConfig) -> dict:
+    """The training state of the run's last checkpoint registered by Ray Train (read without Ray)."""
+    run_dir = _storage(cfg.train) / RUN_NAME
+    snap = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snap.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{run_dir}: no checkpoint of this training run to write a bundle from") from None
+    return torch.load(run_dir / latest / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def bundle_from_checkpoint(cfg: JobConfig, *, overwrite: bool = False) -> dict:
+    """Write the bundle from the best weights of the run's last checkpoint, without training more."""
+    t = cfg.train
+    if not t.out:
+        raise ConfigError("train.out is not set: the directory where the model bundle is written")
+    out = Path(t.out).expanduser()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out}: bundle directory exists and is not empty; pass --overwrite or another train.out")
+    t0 = time.monotonic()
+    state = latest_checkpoint_state(cfg)
+    plan = prepare_plan(cfg)
+    if state["fingerprint"] != plan["fingerprint"]:
+        raise ConfigError(f"{_storage(t)}: the checkpoint is from another model/class/band setup than {t.name!r}")
+    return finish_bundle(cfg, plan, state, out, time.monotonic() - t0)
