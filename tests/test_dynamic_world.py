@@ -158,3 +158,84 @@ def test_output_shape_and_odd_sizes(dw):
         with torch.inference_mode():
             y = dw.module(torch.rand(2, 9, h, w))
         assert y.shape == (2, 9, h, w) and y.dtype == torch.float32 and y.is_contiguous()
+
+
+# --- The fused C kernels (geoseg/models/_native.py) and the PyTorch-ops fallback --------------------------------
+
+from geoseg.models import _native  # noqa: E402
+from geoseg.models import dynamic_world as dw_module  # noqa: E402
+
+needs_native = pytest.mark.skipif(not _native.available(), reason="no C compiler: the fused kernels are not built")
+
+
+@pytest.fixture()
+def torch_path(monkeypatch):
+    """Force the PyTorch-ops forward (what runs where no C compiler exists)."""
+    monkeypatch.setattr(dw_module, "_use_native", lambda x: False)
+
+
+@needs_native
+def test_native_and_torch_paths_agree(dw, chip_bands, chip_logits, torch_path):
+    """The fused kernels compute the same network as the PyTorch ops, to float rounding."""
+    fallback = _predict(dw, chip_bands)
+    assert (chip_logits - fallback).abs().max() <= 1e-4
+    assert torch.equal(chip_logits.argmax(1), fallback.argmax(1))
+
+
+def test_torch_path_matches_saved_model_and_tiles_exactly(dw, chip_bands, reference, torch_path):
+    """The fallback path keeps both guarantees on its own (the fused path is covered by the tests above)."""
+    whole = _predict(dw, chip_bands)
+    r, c, n = reference["crop"].tolist()
+    assert np.abs(whole[0].permute(1, 2, 0).numpy()[r : r + n, c : c + n] - reference["logits"]).max() <= 1e-3
+    assert torch.equal(_tiled(dw, chip_bands, tile=192, halo=dw.card.halo_px), whole)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_mish_is_position_independent_and_accurate(threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        base = torch.randn(200_003) * 8
+        base[:4] = torch.tensor([0.0, 30.0, -30.0, -100.0])
+        ref = _native.mish_(base.clone())
+        exact = F.mish(base.double())
+        assert ((ref.double() - exact).abs() <= 1e-6 * exact.abs().clamp_min(1.0)).all()
+        for start, stop in [(1, 200_003), (37, 70_001), (5, 40_000), (1001, 1050)]:
+            assert torch.equal(_native.mish_(base[start:stop].clone()), ref[start:stop]), (start, stop)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_native
+def test_native_depthwise_kernel():
+    """dw3x3_mish = Mish(depthwise conv + bias) [+ Mish(add)], from Mish(input); a window gives the same bits."""
+    torch.manual_seed(0)
+    for c in (48, 20):  # a whole number of 16-float vectors, and a remainder
+        x = torch.randn(2, c, 23, 19).contiguous(memory_format=torch.channels_last)
+        w, b, add = torch.randn(c, 1, 3, 3), torch.randn(c), torch.randn(2, c, 23, 19)
+        expected = F.mish(F.conv2d(F.mish(x), w, b, padding=1, groups=c)) + F.mish(add)
+        got = _native.dw3x3_mish(x, w, b, in_mish=True, add=add, add_mish=True)
+        assert (got - expected).abs().max() <= 1e-5
+        part = _native.dw3x3_mish(x[..., 4:15, 3:12], w, b, in_mish=True, add=add[..., 4:15, 3:12], add_mish=True)
+        assert torch.equal(part[..., 1:-1, 1:-1], got[..., 5:14, 4:11])
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(8, 8), (9, 7)])
+def test_native_down_and_up_kernels(shape):
+    torch.manual_seed(0)
+    h, w = shape
+    x = torch.randn(1, 16, 2 * h + 1, 2 * w).contiguous(memory_format=torch.channels_last)
+    big_h, big_w = x.shape[-2:]
+    out = torch.empty(1, 16, big_h // 2, big_w // 2).contiguous(memory_format=torch.channels_last)
+    got = _native.down2_mish(x, dw_module._edge_gain(big_h, x.device), dw_module._edge_gain(big_w, x.device), out)
+    assert (got - antialias_downsample2(F.mish(x))).abs().max() <= 1e-5
+    head_w, head_b = torch.randn(9, 16, 1, 1), torch.randn(9)
+    y = got.contiguous()
+    for size in [(2 * y.shape[-2], 2 * y.shape[-1]), (2 * y.shape[-2] + 1, 2 * y.shape[-1] + 1)]:
+        up = bilinear_upsample2(y, size)
+        expected = F.conv2d(up * torch.rsqrt(torch.clamp_min((up * up).sum(1, keepdim=True), 1e-12)), head_w, head_b)
+        z = F.conv2d(got, head_w)
+        assert (_native.up2_l2_head(got, z, head_b, size) - expected).abs().max() <= 1e-5

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["lib", "available", "mish_", "dw3x3_mish", "up2_l2_head", "conv_into", "Arena"]
+__all__ = ["lib", "available", "mish_", "dw3x3_mish", "up2_l2_head", "down2_mish", "conv_into", "Arena"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -134,27 +134,85 @@ CLONES void geoseg_dw3x3(const float *in, int64_t in_mish, float *out, int64_t o
             if (tag[slot] != key) { fill_row(buf, plane, y + dy, H, W, C, in_mish); tag[slot] = key; }
             rows[dy + 1] = buf;
         }
-        for (int64_t x = 0; x < W; x++) {
-            float *o = out + (r * W + x) * ostride;
-            const float *a = add ? add + (r * W + x) * C : 0;
+        float *orow = out + r * W * ostride;
+        const float *arow = add ? add + r * W * C : 0;
+        for (int64_t c = 0; c < C; c += 16) {
+            int64_t m = C - c < 16 ? C - c : 16;
+            if (m == 16) {
+                v16 b = load(bias + c), wk[9];
+                for (int k = 0; k < 9; k++) wk[k] = load(w + k * C + c);
+                const float *p0 = rows[0] + c, *p1 = rows[1] + c, *p2 = rows[2] + c;
+                for (int64_t x = 0; x < W; x++) {
+                    const int64_t o0 = x * C, o1 = o0 + C, o2 = o1 + C;
+                    v16 acc = b;
+                    acc = acc + wk[0] * load(p0 + o0);
+                    acc = acc + wk[1] * load(p0 + o1);
+                    acc = acc + wk[2] * load(p0 + o2);
+                    acc = acc + wk[3] * load(p1 + o0);
+                    acc = acc + wk[4] * load(p1 + o1);
+                    acc = acc + wk[5] * load(p1 + o2);
+                    acc = acc + wk[6] * load(p2 + o0);
+                    acc = acc + wk[7] * load(p2 + o1);
+                    acc = acc + wk[8] * load(p2 + o2);
+                    v16 v = vmish(acc);
+                    if (arow) {
+                        v16 av = load(arow + x * C + c);
+                        v = v + (add_mish ? vmish(av) : av);
+                    }
+                    store(orow + x * ostride + c, v);
+                }
+            } else {  /* channel remainder: the same sequence on a zero-padded vector */
+                v16 b = load_n(bias + c, m), wk[9];
+                for (int k = 0; k < 9; k++) wk[k] = load_n(w + k * C + c, m);
+                for (int64_t x = 0; x < W; x++) {
+                    v16 acc = b;
+                    for (int k = 0; k < 9; k++) acc = acc + wk[k] * load_n(rows[k / 3] + (x + k % 3) * C + c, m);
+                    v16 v = vmish(acc);
+                    if (arow) {
+                        v16 av = load_n(arow + x * C + c, m);
+                        v = v + (add_mish ? vmish(av) : av);
+                    }
+                    store_n(orow + x * ostride + c, v, m);
+                }
+            }
+        }
+    }
+}
+
+/* Antialiased downsample by 2 of Mish(x): NHWC (H x W x C) -> (h x w x C), h = H / 2, w = W / 2, for output
+   rows [r0, r1) of N*h. out[i, j] = (sum_a k_a sum_b k_b m[2i-1+a, 2j-1+b]) * (gy[i] * gx[j]), k = [1,3,3,1]/8,
+   m = Mish(x) (zero outside the image), gy/gx the edge renormalisation. scratch: 4 (W + 2) C floats. */
+CLONES void geoseg_down2_mish(const float *in, float *out, const float *gy, const float *gx, int64_t H, int64_t W,
+                              int64_t C, int64_t h, int64_t w, int64_t r0, int64_t r1, float *scratch) {
+    static const float k[4] = {0.125f, 0.375f, 0.375f, 0.125f};
+    int64_t tag[4] = {-1, -1, -1, -1};
+    const int64_t rowlen = (W + 2) * C;
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t img = r / h, i = r % h;
+        const float *plane = in + img * H * W * C;
+        const float *rows[4];
+        for (int a = 0; a < 4; a++) {
+            int64_t yy = 2 * i - 1 + a, key = img * (H + 2) + (yy + 1), slot = key % 4;
+            float *buf = scratch + slot * rowlen;
+            if (tag[slot] != key) { fill_row(buf, plane, yy, H, W, C, 1); tag[slot] = key; }
+            rows[a] = buf;
+        }
+        float *orow = out + r * w * C;
+        for (int64_t j = 0; j < w; j++) {
+            v16 g = splat(gy[i] * gx[j]);
             for (int64_t c = 0; c < C; c += 16) {
                 int64_t m = C - c < 16 ? C - c : 16;
-                v16 acc;
-                if (m == 16) {
-                    acc = load(bias + c);
-                    for (int k = 0; k < 9; k++)
-                        acc = acc + load(w + k * C + c) * load(rows[k / 3] + (x + k % 3) * C + c);
-                } else {
-                    acc = load_n(bias + c, m);
-                    for (int k = 0; k < 9; k++)
-                        acc = acc + load_n(w + k * C + c, m) * load_n(rows[k / 3] + (x + k % 3) * C + c, m);
+                v16 acc = splat(0.0f);
+                for (int a = 0; a < 4; a++) {
+                    v16 racc = splat(0.0f);
+                    for (int b = 0; b < 4; b++) {
+                        const float *p = rows[a] + (2 * j + b) * C + c;  /* column 2j-1+b, +1 for the pad */
+                        racc = racc + splat(k[b]) * (m == 16 ? load(p) : load_n(p, m));
+                    }
+                    acc = acc + splat(k[a]) * racc;
                 }
-                v16 v = vmish(acc);
-                if (a) {
-                    v16 av = m == 16 ? load(a + c) : load_n(a + c, m);
-                    v = v + (add_mish ? vmish(av) : av);
-                }
-                if (m == 16) store(o + c, v); else store_n(o + c, v, m);
+                v16 v = acc * g;
+                if (m == 16) store(orow + j * C + c, v); else store_n(orow + j * C + c, v, m);
             }
         }
     }
@@ -266,6 +324,8 @@ def _build() -> ctypes.CDLL | None:
     dll.geoseg_dw3x3.restype = None
     dll.geoseg_up2_l2_head.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64]
     dll.geoseg_up2_l2_head.restype = None
+    dll.geoseg_down2_mish.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr]
+    dll.geoseg_down2_mish.restype = None
     return dll
 
 
@@ -361,6 +421,25 @@ def dw3x3_mish(
         for i, (r0, r1) in enumerate(parts)
     ]
     _run(calls)
+    return out
+
+
+def down2_mish(x: torch.Tensor, gain_rows: torch.Tensor, gain_cols: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Antialiased halving of Mish(x) (channels_last) into ``out`` (N, C, H // 2, W // 2), edge gains given."""
+    dll = lib()
+    x = _nhwc(x)
+    n, c, big_h, big_w = x.shape
+    h, w = big_h // 2, big_w // 2
+    if out.shape != (n, c, h, w) or not out.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("down2_mish: out must be channels_last (N, C, H // 2, W // 2)")
+    gy, gx = gain_rows.float().contiguous(), gain_cols.float().contiguous()
+    parts = _splits(n * h, _threads(x.numel()))
+    scratch = torch.empty(len(parts), 4 * (big_w + 2) * c)
+    _run([
+        (dll.geoseg_down2_mish,
+         (x.data_ptr(), out.data_ptr(), gy.data_ptr(), gx.data_ptr(), big_h, big_w, c, h, w, r0, r1, scratch[i].data_ptr()))
+        for i, (r0, r1) in enumerate(parts)
+    ])
     return out
 
 

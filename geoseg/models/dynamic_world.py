@@ -225,10 +225,12 @@ class DynamicWorldNet(nn.Module):
             arena.lock.release()
 
     def _native_pass(self, x: torch.Tensor, size: tuple[int, int], arena: _native.Arena) -> torch.Tensor:
-        stem = _native.mish_(self.stem.native(x, arena))
-        x = antialias_downsample2(stem)
+        stem = self.stem.native(x, arena)  # raw conv; Mish is applied by the downsampling kernel
+        n, c, big_h, big_w = stem.shape
+        h, w = big_h // 2, big_w // 2
+        x = _native.down2_mish(stem, _edge_gain(big_h, stem.device), _edge_gain(big_w, stem.device),
+                               arena.take(n, c, h, w))
         arena.give(stem)
-        n, _, h, w = x.shape
         c2 = self.block2.shortcut.conv.out_channels
         both = arena.take(n, c2 + self.side[1].conv.out_channels, h, w)
         # block3 reads concat(block2, side): both write their channel slice of one tensor (no copy).
@@ -236,6 +238,7 @@ class DynamicWorldNet(nn.Module):
         self.side[1].native(t, arena, in_mish=True, out=both[:, c2:])
         arena.give(t)
         t = self.block1.native(x, arena)
+        arena.give(x)
         self.block2.native(t, arena, out=both[:, :c2])
         arena.give(t)
         x = self.block3.native(both, arena)
