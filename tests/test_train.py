@@ -354,3 +354,32 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
     with rasterio.open(mask) as m, rasterio.open(img) as i:
         assert (m.crs, m.transform, m.shape) == (i.crs, i.transform, i.shape)
         assert set(np.unique(m.read(1))) <= {0, 1}
+
+
+@pytest.mark.parametrize("arch,params", [("unet", {"base_channels": 4, "depth": 2}),
+                                         ("deeplabv3plus", {"base_channels": 8, "aspp_channels": 16,
+                                                            "decoder_channels": 16})])
+def test_loop_learns_on_real_chips_without_ray(bld, arch, params):
+    """The loop's pieces (dataset, loss, AdamW + cosine, validation) on real chips, in-process."""
+    from geoseg.train.loop import (ChipDataset, ChipStore, build_module, cosine_with_warmup, run_epoch,
+                                   validate)
+
+    cfg = _cfg([_area2(bld, "train", 2, split="train"), _area2(bld, "val", 1, split="val")], chip_px=64,
+               architecture=arch, arch_params=params)
+    plan = prepare_plan(cfg)
+    store = ChipStore(plan["scenes"], plan["class_ids"], plan["class_names"])
+    chips = epoch_chips(plan, 0)[:8]
+    ds = ChipDataset(store, chips, plan["mean"], plan["std"])  # no augmentation: the same batch every pass
+    loader = torch.utils.data.DataLoader(ds, batch_size=8)
+    torch.manual_seed(0)
+    m = build_module(arch, params, 3, 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(12, 2))
+    dev = torch.device("cpu")
+    first = run_epoch(m, loader, opt, sched, dev)["loss"]
+    for _ in range(10):
+        last = run_epoch(m, loader, opt, sched, dev)["loss"]
+    assert last < 0.8 * first
+    cm = validate(m, torch.utils.data.DataLoader(ChipDataset(store, plan["val_chips"], plan["mean"], plan["std"]),
+                                                 batch_size=8), 2, dev)
+    assert cm.sum() == len(plan["val_chips"]) * 64 * 64
