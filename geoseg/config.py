@@ -83,7 +83,10 @@ class TilingConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    engine: Literal["ray", "local"] = Field("ray", description="ray (local or remote cluster) or local (one process)")
+    engine: Literal["auto", "ray", "local"] = Field(
+        "auto", description="ray (local or remote cluster), local (one process), or auto: local for a small job "
+        "(a few blocks) when no cluster address is given, else ray"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int | None = Field(
         None, gt=0, description="tiles per forward pass; default 8 on a GPU, 1 on CPU (see infer.default_batch_size)"
@@ -278,7 +281,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             got = e.get("input")
             # A check across keys gets the whole section as its input: name the keys, never dump the dict.
             shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r:.120})"
-            lines.append(f"{key}: {msg}{shown}")
+            lines.append(f"{key}: {msg}{shown}" if e["loc"] else f"{msg}{shown}")
     return f"{source}: invalid configuration: " + "; ".join(lines)
 
 
@@ -318,7 +321,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({_yaml_reason(e)})") from None
         node = out
         for p in parts[:-1]:
             if not isinstance(node.get(p), dict):
@@ -326,6 +329,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             node = node[p]
         node[parts[-1]] = value
     return out
+
+
+def _yaml_reason(e: yaml.YAMLError) -> str:
+    """PyYAML's problem and position on one line (its own text spans several, with a caret drawing)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
@@ -340,7 +350,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        raise ConfigError(f"{p}: not valid YAML ({_yaml_reason(e)})") from None
     data = _relative_to(data, p.parent)
     return config_from_dict(apply_overrides(data or {}, overrides), source=str(p))
 
