@@ -95,6 +95,19 @@ def _local_engine(plans, items, cfg, model) -> Iterator[BlockResult]:
         yield process_item(plans, item, predictor, cfg)
 
 
+# runtime.engine=auto computes a job of at most this many blocks in this process: starting Ray and a worker that
+# loads the model costs seconds (~10 s on 2 cores), more than a few blocks of model time.
+AUTO_LOCAL_MAX_BLOCKS = 4
+
+
+def auto_engine(cfg: JobConfig, items: list[WorkItem]) -> str:
+    """``runtime.engine: auto``: ``ray`` when a cluster address is given or more than a few blocks need the
+    model, else ``local``. Both engines give identical outputs."""
+    if cfg.runtime.address or os.environ.get("RAY_ADDRESS"):
+        return "ray"
+    return "local" if sum(not i.resume for i in items) <= AUTO_LOCAL_MAX_BLOCKS else "ray"
+
+
 def prepare(cfg: JobConfig, card) -> list[ScenePlan]:
     """Expand and validate every input before anything is written (one clear error, nothing half-done)."""
     if not cfg.input.paths:
@@ -209,6 +222,9 @@ def run(
     if not writers:  # every scene was complete: no engine to start
         return records
     engine = engine or cfg.runtime.engine
+    if engine == "auto":
+        engine = auto_engine(cfg, items)
+        log.info("engine: %s (runtime.engine=auto)", engine)
     if engine == "local":
         results = _local_engine(plans, items, cfg, model)
     elif engine == "ray":
@@ -216,7 +232,7 @@ def run(
 
         results = ray_engine(plans, items, cfg, model)
     else:
-        raise ConfigError(f"runtime.engine {engine!r} is not one of ray, local")
+        raise ConfigError(f"runtime.engine {engine!r} is not one of auto, ray, local")
 
     total_px = sum(p.info.shape[0] * p.info.shape[1] for p in plans if p.index in writers)
     progress = Progress(len(items), total_px, cfg.runtime.progress)
