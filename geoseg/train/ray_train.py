@@ -236,7 +236,7 @@ def worker_loop(config: dict) -> None:
             scaler.load_state_dict(st["scaler"])
         start, best, bad, history, best_state = st["epoch"] + 1, st["best"], st["bad"], st["history"], st["best_state"]
         if rank == 0:
-            print(f"resumed from checkpoint after epoch {st['epoch'] + 1} (best val mIoU {best:.4f})", flush=True)
+            _say(f"resumed from checkpoint after epoch {st['epoch'] + 1} (best val mIoU {best:.4f})")
     store = ChipStore(plan["scenes"], plan["class_ids"], plan["class_names"])
     val_ds = ChipDataset(store, plan["val_chips"][rank::world], plan["mean"], plan["std"])
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=t.batch_size)
@@ -283,9 +283,9 @@ def worker_loop(config: dict) -> None:
         stopped = bad >= t.early_stopping_patience
         if rank == 0:
             per = " ".join(f"{n} {v:.3f}" for n, v in zip(names, iou) if np.isfinite(v))
-            print(f"epoch {epoch + 1}/{t.epochs}  loss {loss:.4f}  val mIoU {miou:.4f} ({per})  "
-                  f"{seconds:.1f} s  {rec['chips_per_s']:.2f} chips/s" + ("  *best" if improved else "")
-                  + ("  early stop" if stopped else ""), flush=True)
+            _say(f"epoch {epoch + 1}/{t.epochs}  loss {loss:.4f}  val mIoU {miou:.4f} ({per})  "
+                 f"{seconds:.1f} s  {rec['chips_per_s']:.2f} chips/s" + ("  *best" if improved else "")
+                 + ("  early stop" if stopped else ""))
         metrics = {"epoch": epoch + 1, "loss": loss, "val_miou": miou, "best_val_miou": best,
                    "stopped": stopped, "chips_per_s": rec["chips_per_s"]}
         with tempfile.TemporaryDirectory() as tmp:
@@ -299,6 +299,12 @@ def worker_loop(config: dict) -> None:
                 }, os.path.join(tmp, STATE_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _say(line: str) -> None:
+    """One line to the driver's console (Ray Train's patched print would log it twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _unwrap(module):
@@ -447,7 +453,7 @@ def _resolve_train_paths(data, base: Path):
         return data
 
     def fix(q):
-        return str(base / q) if isinstance(q, str) and q and "://" not in q and not Path(q).expanduser().is_absolute() \
+        return os.path.normpath(str(base / q)) if isinstance(q, str) and q and "://" not in q and not Path(q).expanduser().is_absolute() \
             and not q.startswith("~") else q
 
     tr = dict(data["train"])
