@@ -98,44 +98,55 @@ CLONES void geoseg_mish(float *x, int64_t n) {
     if (i < n) store_n(x + i, vmish(load_n(x + i, n - i)), n - i);
 }
 
-/* Fill ring slot `buf` ((W + 2) x C floats, a zero column each side) with image row `yy` of `plane`
-   (mish applied when in_mish), or zeros when the row is outside the image. */
-INLINE void fill_row(float *buf, const float *plane, int64_t yy, int64_t H, int64_t W, int64_t C, int64_t in_mish) {
-    int64_t n = W * C;
-    memset(buf, 0, (size_t)C * 4);
-    memset(buf + (W + 1) * C, 0, (size_t)C * 4);
-    if (yy < 0 || yy >= H) { memset(buf + C, 0, (size_t)n * 4); return; }
-    const float *src = plane + yy * n;
-    float *dst = buf + C;
-    if (!in_mish) { memcpy(dst, src, (size_t)n * 4); return; }
+/* Mish of n floats from src to dst (the same instruction sequence for every element). */
+INLINE void mish_copy(float *dst, const float *src, int64_t n) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) store(dst + i, vmish(load(src + i)));
     if (i < n) store_n(dst + i, vmish(load_n(src + i, n - i)), n - i);
 }
 
+/* Fill ring slot `buf` ((W + 2) x C floats, a zero column each side) with image row `yy` of `plane` (pixels
+   istride floats apart, C used), Mish applied when in_mish, or zeros when the row is outside the image. */
+INLINE void fill_row(float *buf, const float *plane, int64_t istride, int64_t yy, int64_t H, int64_t W, int64_t C,
+                     int64_t in_mish) {
+    int64_t n = W * C;
+    memset(buf, 0, (size_t)C * 4);
+    memset(buf + (W + 1) * C, 0, (size_t)C * 4);
+    if (yy < 0 || yy >= H) { memset(buf + C, 0, (size_t)n * 4); return; }
+    const float *src = plane + yy * W * istride;
+    float *dst = buf + C;
+    if (istride == C) {
+        if (in_mish) mish_copy(dst, src, n); else memcpy(dst, src, (size_t)n * 4);
+        return;
+    }
+    for (int64_t x = 0; x < W; x++) {
+        if (in_mish) mish_copy(dst + x * C, src + x * istride, C); else memcpy(dst + x * C, src + x * istride, (size_t)C * 4);
+    }
+}
+
 /* Depthwise 3x3 conv (zero 'same' padding) + bias + Mish [+ add], NHWC, for rows [r0, r1) of the N*H rows.
    in_mish: Mish is applied to the input first (the producing 1x1 conv's activation, fused here).
-   add (NHWC, C per pixel) or NULL, mish applied to it when add_mish. out: NHWC with ostride floats per
-   pixel (> C writes into a channel slice of a wider tensor). w: 9 x C, tap-major. scratch: 3 (W + 2) C floats.
+   add or NULL, mish applied to it when add_mish. in, add and out are NHWC with istride, astride and ostride
+   floats per pixel (> C: a channel slice of a wider tensor). w: 9 x C, tap-major. scratch: 3 (W + 2) C floats.
    Every pixel sums bias then the nine taps in the same order, outside taps reading zeros. */
-CLONES void geoseg_dw3x3(const float *in, int64_t in_mish, float *out, int64_t ostride, const float *w,
-                         const float *bias, const float *add, int64_t add_mish, int64_t H, int64_t W, int64_t C,
+CLONES void geoseg_dw3x3(const float *in, int64_t istride, int64_t in_mish, float *out, int64_t ostride,
+                         const float *w, const float *bias, const float *add, int64_t astride, int64_t add_mish, int64_t H, int64_t W, int64_t C,
                          int64_t r0, int64_t r1, float *scratch) {
     int64_t tag[3] = {-1, -1, -1};
     const int64_t rowlen = (W + 2) * C;
     for (int64_t r = r0; r < r1; r++) {
         int64_t img = r / H, y = r % H;
-        const float *plane = in + img * H * W * C;
+        const float *plane = in + img * H * W * istride;
         const float *rows[3];
         for (int dy = -1; dy <= 1; dy++) {
             int64_t key = img * (H + 2) + (y + dy + 1);
             int64_t slot = key % 3;
             float *buf = scratch + slot * rowlen;
-            if (tag[slot] != key) { fill_row(buf, plane, y + dy, H, W, C, in_mish); tag[slot] = key; }
+            if (tag[slot] != key) { fill_row(buf, plane, istride, y + dy, H, W, C, in_mish); tag[slot] = key; }
             rows[dy + 1] = buf;
         }
         float *orow = out + r * W * ostride;
-        const float *arow = add ? add + r * W * C : 0;
+        const float *arow = add ? add + r * W * astride : 0;
         for (int64_t c = 0; c < C; c += 16) {
             int64_t m = C - c < 16 ? C - c : 16;
             if (m == 16) {
@@ -156,7 +167,7 @@ CLONES void geoseg_dw3x3(const float *in, int64_t in_mish, float *out, int64_t o
                     acc = acc + wk[8] * load(p2 + o2);
                     v16 v = vmish(acc);
                     if (arow) {
-                        v16 av = load(arow + x * C + c);
+                        v16 av = load(arow + x * astride + c);
                         v = v + (add_mish ? vmish(av) : av);
                     }
                     store(orow + x * ostride + c, v);
@@ -169,7 +180,7 @@ CLONES void geoseg_dw3x3(const float *in, int64_t in_mish, float *out, int64_t o
                     for (int k = 0; k < 9; k++) acc = acc + wk[k] * load_n(rows[k / 3] + (x + k % 3) * C + c, m);
                     v16 v = vmish(acc);
                     if (arow) {
-                        v16 av = load_n(arow + x * C + c, m);
+                        v16 av = load_n(arow + x * astride + c, m);
                         v = v + (add_mish ? vmish(av) : av);
                     }
                     store_n(orow + x * ostride + c, v, m);
@@ -194,7 +205,7 @@ CLONES void geoseg_down2_mish(const float *in, float *out, const float *gy, cons
         for (int a = 0; a < 4; a++) {
             int64_t yy = 2 * i - 1 + a, key = img * (H + 2) + (yy + 1), slot = key % 4;
             float *buf = scratch + slot * rowlen;
-            if (tag[slot] != key) { fill_row(buf, plane, yy, H, W, C, 1); tag[slot] = key; }
+            if (tag[slot] != key) { fill_row(buf, plane, C, yy, H, W, C, 1); tag[slot] = key; }
             rows[a] = buf;
         }
         float *orow = out + r * w * C;
@@ -320,7 +331,7 @@ def _build() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     dll.geoseg_mish.argtypes = [ptr, i64]
     dll.geoseg_mish.restype = None
-    dll.geoseg_dw3x3.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr]
+    dll.geoseg_dw3x3.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr]
     dll.geoseg_dw3x3.restype = None
     dll.geoseg_up2_l2_head.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64]
     dll.geoseg_up2_l2_head.restype = None
@@ -382,6 +393,17 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def _pixels(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x`` as NHWC memory with its pixel stride: channels_last, or a channel slice of a channels_last tensor."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError("native kernels take float32 CPU tensors")
+    n, c, h, w = x.shape
+    s = x.stride(3)
+    if x.stride(1) == 1 and s >= c and x.stride(2) == w * s and (n == 1 or x.stride(0) == h * w * s):
+        return x, s
+    return x.contiguous(memory_format=torch.channels_last), c
+
+
 def dw3x3_mish(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -394,29 +416,32 @@ def dw3x3_mish(
 ) -> torch.Tensor:
     """Mish(depthwise 3x3 conv (zero padding) of [Mish of] ``x`` + bias) [+ [Mish of] ``add``], channels_last.
 
-    ``out``: a channels_last tensor or channel slice of one (e.g. ``buf[:, :c]``) to write into.
+    ``x``, ``add``, ``out``: channels_last tensors or channel slices of one (e.g. ``buf[:, :c]``).
     """
     dll = lib()
-    x = _nhwc(x)
+    x, istride = _pixels(x)
     n, c, h, w = x.shape
     taps = weight.reshape(c, 9).t().contiguous()  # 9 x C
     bias = bias.contiguous()
     if out is None:
         out = torch.empty_like(x, memory_format=torch.channels_last)
-    if out.shape != x.shape or out.stride(1) != 1 or out.stride(2) != w * out.stride(3):
+    out_, ostride = _pixels(out)
+    if out_ is not out or out.shape != x.shape:
         raise ValueError("out must be channels_last (or a channel slice of a channels_last tensor) of x's shape")
-    if out.stride(0) != h * w * out.stride(3):
-        raise ValueError("out must be dense over pixels")
+    astride = 0
     if add is not None:
-        add = _nhwc(add)
+        add, astride = _pixels(add)
+        if add.shape != x.shape:
+            raise ValueError("add must have x's shape")
     rows = n * h
     parts = _splits(rows, _threads(x.numel()))
     scratch = torch.empty(len(parts), 3 * (w + 2) * c)
     calls = [
         (
             dll.geoseg_dw3x3,
-            (x.data_ptr(), int(in_mish), out.data_ptr(), out.stride(3), taps.data_ptr(), bias.data_ptr(),
-             add.data_ptr() if add is not None else None, int(add_mish), h, w, c, r0, r1, scratch[i].data_ptr()),
+            (x.data_ptr(), istride, int(in_mish), out.data_ptr(), ostride, taps.data_ptr(), bias.data_ptr(),
+             add.data_ptr() if add is not None else None, astride, int(add_mish), h, w, c, r0, r1,
+             scratch[i].data_ptr()),
         )
         for i, (r0, r1) in enumerate(parts)
     ]

@@ -145,23 +145,27 @@ class SeparableResBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(x) + self.shortcut(x)
 
-    def native(self, x: torch.Tensor, arena: _native.Arena, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The fused-kernel path: each 1x1 conv's Mish is applied by the depthwise kernel reading it, and the
-        shortcut (with its Mish) is added by the last depthwise kernel; ``out`` as in ``dw3x3_mish``.
-        ``x`` stays the caller's; intermediates go back to ``arena``."""
-        shortcut = self.shortcut.native(x, arena)
+    def entry_convs(self) -> list[ConvBNMish]:
+        """The 1x1 convs that read the block's input: the first of the main path and the shortcut."""
+        return [self.main[0], self.shortcut]
+
+    def native(self, t: torch.Tensor, shortcut: torch.Tensor, arena: _native.Arena,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused-kernel path from the raw outputs of ``entry_convs`` (``t``, ``shortcut``; channel slices of
+        one tensor): each 1x1 conv's Mish is applied by the depthwise kernel reading it, and the shortcut (with
+        its Mish) is added by the last depthwise kernel; ``out`` as in ``dw3x3_mish``."""
         layers = list(self.main)
-        y = x
-        for i in range(0, len(layers), 2):
-            t = layers[i].native(y, arena)
-            if y is not x:
+        y = None
+        for i in range(1, len(layers), 2):
+            if i > 1:
+                t = layers[i - 1].native(y, arena)
                 arena.give(y)
-            last = i + 2 == len(layers)
-            y = layers[i + 1].native(
+            last = i + 1 == len(layers)
+            y = layers[i].native(
                 t, arena, in_mish=True, add=shortcut if last else None, add_mish=True, out=out if last else None
             )
-            arena.give(t)
-        arena.give(shortcut)
+            if i > 1:
+                arena.give(t)
         return y
 
 
@@ -232,18 +236,39 @@ class DynamicWorldNet(nn.Module):
                                arena.take(n, c, h, w))
         arena.give(stem)
         c2 = self.block2.shortcut.conv.out_channels
-        both = arena.take(n, c2 + self.side[1].conv.out_channels, h, w)
+        cs = self.side[1].conv.out_channels
+        both = arena.take(n, c2 + cs, h, w)
+        # 1x1 convs that read the same input run as one conv (one pass over the input, a wider GEMM).
+        side_t, b1_t, b1_sc = _merged_conv([self.side[0], *self.block1.entry_convs()], x, arena)
+        arena.give(x)
         # block3 reads concat(block2, side): both write their channel slice of one tensor (no copy).
-        t = self.side[0].native(x, arena)
-        self.side[1].native(t, arena, in_mish=True, out=both[:, c2:])
-        arena.give(t)
-        t = self.block1.native(x, arena)
-        arena.give(x)
-        self.block2.native(t, arena, out=both[:, :c2])
-        arena.give(t)
-        x = self.block3.native(both, arena)
+        self.side[1].native(side_t, arena, in_mish=True, out=both[:, c2:])
+        y1 = self.block1.native(b1_t, b1_sc, arena)
+        arena.give(side_t)
+        b2_t, b2_sc = _merged_conv(self.block2.entry_convs(), y1, arena)
+        arena.give(y1)
+        self.block2.native(b2_t, b2_sc, arena, out=both[:, :c2])
+        arena.give(b2_t)
+        b3_t, b3_sc = _merged_conv(self.block3.entry_convs(), both, arena)
         arena.give(both)
-        z = F.conv2d(x, self.head.weight)  # the 1x1 head commutes with the upsample (both linear)
-        out = _native.up2_l2_head(x, z, self.head.bias, size)
-        arena.give(x)
+        y3 = self.block3.native(b3_t, b3_sc, arena)
+        arena.give(b3_t)
+        z = F.conv2d(y3, self.head.weight)  # the 1x1 head commutes with the upsample (both linear)
+        out = _native.up2_l2_head(y3, z, self.head.bias, size)
+        arena.give(y3)
         return out
+
+
+def _merged_conv(convs: list[ConvBNMish], x: torch.Tensor, arena: _native.Arena) -> list[torch.Tensor]:
+    """The raw outputs of several 1x1 ``convs`` of ``x``, computed as one conv: channel slices of one arena tensor
+    (give back the first slice to free it)."""
+    folded = [c.folded() for c in convs]
+    weight = torch.cat([w for w, _ in folded])
+    bias = torch.cat([b for _, b in folded])
+    n, _, h, w = x.shape
+    out = _native.conv_into(arena.take(n, weight.shape[0], h, w), x, weight, bias)
+    slices, start = [], 0
+    for wt, _ in folded:
+        slices.append(out[:, start : start + wt.shape[0]])
+        start += wt.shape[0]
+    return slices
