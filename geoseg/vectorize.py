@@ -1539,9 +1539,13 @@ def vectorize_file(
     band_px: int = 512,
     write_chunk: int = 4096,
     mp_context: str | None = None,
+    storage: Any = None,
 ) -> VectorizeResult:
     """Polygonize a class mask GeoTIFF into ``out`` (a file whose suffix names the format, or a directory that
     receives ``cfg.formats`` as ``polygons.*``), block-parallel in ``workers`` processes.
+
+    ``mask_path`` and ``out`` may be ``s3://`` URLs (``storage``: a ``StorageConfig``): the mask is fetched to a
+    temporary file, the outputs are written locally and published through ``geoseg.io.store`` (one PUT each).
 
     ``cfg`` is a ``VectorConfig``. The mask is uint8 class ids; its nodata (255 when unset) gives no polygons.
     Class names come from the ``GEOSEG_CLASS_NAMES`` tag (else ``class_<id>``), colours from its colour table.
@@ -1550,6 +1554,11 @@ def vectorize_file(
     """
     t0 = time.perf_counter()
     mask_path = str(mask_path)
+    if str(out).startswith("s3://") or mask_path.startswith("s3://"):
+        return _vectorize_via_local(mask_path, str(out), cfg, storage, overwrite=overwrite, scene=scene,
+                                    kwargs=dict(block_px=block_px, workers=workers, model=model,
+                                                model_version=model_version, band_px=band_px,
+                                                write_chunk=write_chunk, mp_context=mp_context))
     try:
         ds = rasterio.open(mask_path)
     except rasterio.errors.RasterioError as e:
@@ -1600,3 +1609,38 @@ def vectorize_file(
         sink.abort()
         raise
     return VectorizeResult(written, sink.count, len(wins), time.perf_counter() - t0)
+
+
+def _vectorize_via_local(mask_path: str, out: str, cfg: Any, storage: Any, *, overwrite: bool, scene: str | None,
+                         kwargs: dict[str, Any]) -> VectorizeResult:
+    """``vectorize_file`` for ``s3://`` masks or outputs: stage locally, publish atomically through the store."""
+    import shutil
+    import tempfile
+    from pathlib import PurePosixPath
+
+    from geoseg.io import store
+
+    work = Path(tempfile.mkdtemp(prefix="geoseg-vectorize-"))
+    try:
+        local_mask = mask_path
+        if store.is_s3(mask_path):
+            local_mask = str(work / PurePosixPath(mask_path).name)
+            Path(local_mask).write_bytes(store.read_bytes(mask_path, storage))
+        name = PurePosixPath(out.rstrip("/")).name if store.is_s3(out) else Path(out).name
+        local_out = work / "out" / name if store.is_s3(out) else Path(out)
+        if store.is_s3(out):
+            dests = {fmt: (out if fmt_path == local_out else store.join(out, fmt_path.name))
+                     for fmt, fmt_path in output_paths(local_out, cfg.formats).items()}
+            if not overwrite:
+                for d in dests.values():
+                    if store.exists(d, storage):
+                        raise OutputError(f"{d}: exists (set overwrite to replace it)")
+        res = vectorize_file(local_mask, local_out, cfg, overwrite=overwrite,
+                             scene=scene or PurePosixPath(mask_path).stem, **kwargs)
+        if not store.is_s3(out):
+            return res
+        for fmt, local in res.paths.items():
+            store.publish_file(str(local), dests[fmt], storage)
+        return VectorizeResult({f: dests[f] for f in res.paths}, res.polygons, res.blocks, res.seconds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
