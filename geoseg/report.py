@@ -225,7 +225,7 @@ def render_preview(
     if scale_bar:
         _draw_scale_bar(img, _metres_per_px(mask_ds.transform, mask_ds.crs, (rows, cols), img.size[0]))
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
+    img.save(buf, format="PNG", compress_level=6)
     return buf.getvalue(), notes
 
 
@@ -477,7 +477,7 @@ def _mosaic_preview(scenes, storage, max_px: int = MAX_PREVIEW_PX) -> tuple[byte
     first = scenes[0].record["input"]
     _draw_scale_bar(img, _metres_per_px(Affine(res, 0, xmin, 0, -res, ymax), first["crs"], (H, W), W))
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
+    img.save(buf, format="PNG", compress_level=6)
     return buf.getvalue(), notes
 
 
