@@ -42,6 +42,17 @@ def _is_ray(proc) -> bool:
     return any(m in text for m in _RAY_MARKERS)
 
 
+def _alive(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except Exception:
+        return True
+
+
 def _watch(pid: int) -> None:
     import psutil
 
@@ -51,17 +62,17 @@ def _watch(pid: int) -> None:
     except psutil.NoSuchProcess:
         return
     seen: dict[int, float] = {}  # pid -> create_time (pids are reused; the time tells them apart)
-    while True:
+    while _alive(driver):
         try:
-            if not driver.is_running() or driver.status() == psutil.STATUS_ZOMBIE:
-                break
-            for child in driver.children(recursive=True):
+            children = driver.children(recursive=True)
+        except Exception:  # a child that ends while the tree is walked; the driver's own end is checked above
+            children = []
+        for child in children:
+            try:
                 if child.pid not in seen and _is_ray(child):
                     seen[child.pid] = child.create_time()
-        except psutil.NoSuchProcess:
-            break
-        except Exception:
-            pass
+            except Exception:
+                continue
         time.sleep(_POLL_S)
     left = []
     for cpid, created in seen.items():

@@ -348,10 +348,12 @@ class SceneWriter:
         self.mask_writer = sieved
 
     def abort(self) -> None:
-        """Leave block records for resume; drop scratch files."""
+        """Leave block records for resume; drop scratch files and outputs finished in the work directory (a
+        rerun rebuilds them from the block records, and a full disk gets its space back)."""
         self.mask_writer.abort()
         if self.vectors is not None:
             self.vectors.abort()
+        shutil.rmtree(self.work, ignore_errors=True)
 
     def finish(self, timings: dict[str, float] | None = None) -> dict[str, Any]:
         """Complete every output in the work directory, verify it, then publish them all with ``run.json``
