@@ -1505,7 +1505,20 @@ class VectorizeResult(list):
                 f"seconds={self.seconds:.2f})")
 
 
-_WORKER_DS: dict[str, rasterio.DatasetReader] = {}
+_WORKER_DS: dict[tuple, rasterio.DatasetReader] = {}
+
+
+def _worker_dataset(path: str) -> rasterio.DatasetReader:
+    """The worker's open dataset for ``path``, reopened when the file changed: keyed by path alone, a mask
+    rewritten under the same name (a notebook's second run) was read from the stale handle."""
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    ds = _WORKER_DS.get(key)
+    if ds is None:
+        for old in [k for k in _WORKER_DS if k[0] == path]:
+            _WORKER_DS.pop(old).close()
+        ds = _WORKER_DS[key] = rasterio.open(path)
+    return ds
 
 
 def _block_task(
@@ -1513,9 +1526,7 @@ def _block_task(
     classes: tuple[int, ...] | None,
 ) -> BlockPolygons:
     """Worker: read one block (with sieve context), sieve, polygonize. Keeps its dataset open between tasks."""
-    ds = _WORKER_DS.get(path)
-    if ds is None:
-        ds = _WORKER_DS[path] = rasterio.open(path)
+    ds = _worker_dataset(path)
     fill = NODATA if nodata is None else nodata
     if sieve_px > 1:
         ctx = sieve_context_px(sieve_px)
@@ -1588,8 +1599,12 @@ def vectorize_file(
     args = [(mask_path, w, nodata, cfg.connectivity, sieve_px, classes) for w in wins]
     try:
         if workers <= 1 or len(wins) == 1:
-            for a in args:
-                sink.add(_block_task(*a))
+            try:
+                for a in args:
+                    sink.add(_block_task(*a))
+            finally:  # in this process: do not keep the file open after the call
+                for key in [k for k in _WORKER_DS if k[0] == mask_path]:
+                    _WORKER_DS.pop(key).close()
         else:
             ctx = multiprocessing.get_context(mp_context) if mp_context else None
             with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
