@@ -40,7 +40,7 @@ log = logging.getLogger("geoseg")
 __all__ = ["write_scene_report", "write_run_report", "build_reports", "render_preview", "MAX_PREVIEW_PX"]
 
 MAX_PREVIEW_PX = 1024  # longest side of a preview picture
-MAX_BACKDROP_PX = 64_000_000  # an input without overviews larger than this is not read for the backdrop
+MAX_BACKDROP_PX = 16_000_000  # an input without overviews larger than this is not read for the backdrop
 MASK_ALPHA = 0.55
 NODATA = 255
 
