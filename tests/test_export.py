@@ -464,3 +464,18 @@ def test_outputs_respect_the_umask(s2_chip, tiny_unet, tmp_path, umask):
     for p in files:
         want = (0o777 if p.is_dir() else 0o666) & ~umask
         assert p.stat().st_mode & 0o777 == want, f"{p}: {oct(p.stat().st_mode & 0o777)} != {oct(want)}"
+
+
+def test_export_without_polygons_polygonizes_the_mask(s2_chip, tiny_unet, tmp_path):
+    """A run with vector.enabled=false still exports: its mask is polygonized (the same polygons as the pipeline
+    would have written)."""
+    from geoseg.api import predict
+
+    (rec,) = predict([str(s2_chip)], str(tmp_path / "novec"), model="tiny", loaded_model=tiny_unet,
+                     overrides=["runtime.engine=local", "vector.enabled=false", "output.report=false"])
+    assert "parquet" not in rec["outputs"]
+    res = export_run(str(tmp_path / "novec"), str(tmp_path / "p.parquet"))
+    (ref,) = predict([str(s2_chip)], str(tmp_path / "vec"), model="tiny", loaded_model=tiny_unet,
+                     overrides=["runtime.engine=local", "vector.formats=[parquet]", "output.report=false"])
+    assert _norm(gpd.read_parquet(tmp_path / "p.parquet")) == _norm(gpd.read_parquet(ref["outputs"]["parquet"]))
+    assert res.areas["valid_m2"] == pytest.approx(rec["class_areas"]["valid_m2"], rel=1e-6)

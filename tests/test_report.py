@@ -276,3 +276,16 @@ def test_report_off(s2_chip, tiny_unet, tmp_path):
     scene = tmp_path / "Spain_7370579_S2Hand"
     assert not (scene / "report.html").exists() and not (scene / "preview.png").exists()
     assert "report" not in rec["outputs"] and "class_areas" in rec
+
+
+def test_cli_predict_writes_the_run_report(s2_chip, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "geoseg.cli", "predict", str(s2_chip), "--out", str(tmp_path / "o"),
+                          "--set", "runtime.engine=local", "--set", "vector.formats=[parquet]"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"report      {tmp_path / 'o' / 'report.html'}" in res.stdout
+    page = (tmp_path / "o" / "report.html").read_text()
+    rec = json.loads((tmp_path / "o" / "Spain_7370579_S2Hand" / "run.json").read_text())
+    shown = report_table(page)
+    assert list(shown) == list(rec["class_areas"]["classes"])
+    assert all(shown[k]["pixels"] == v["pixels"] for k, v in rec["class_areas"]["classes"].items())
