@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["lib", "available", "mish_", "dw3x3_mish", "up2_l2_head", "down2_mish", "conv_into", "Arena"]
+__all__ = ["lib", "available", "keep_heap", "mish_", "dw3x3_mish", "up2_l2_head", "down2_mish"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -488,46 +488,28 @@ def up2_l2_head(x: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, size: tupl
     return out
 
 
-class Arena:
-    """Reused float32 buffers for one forward pass's intermediates, kept across passes.
 
-    A fresh 40 MB tensor costs ~20 ms of page faults on every pass (glibc maps allocations over 32 MB anew
-    each time and zero-fills them page by page), several times the work done on it; reusing buffers takes
-    that cost once. Buffers are handed out best-fit by size and given back when dead, so what is held is the
-    pass's peak working set.
+_HEAP_KEPT = False
+
+
+def keep_heap() -> None:
+    """Serve large allocations from the heap and keep freed memory for reuse (glibc; a no-op elsewhere).
+
+    glibc maps every allocation over 32 MB anew and unmaps it on free, so each forward pass page-faults and
+    zero-fills its large activations again: ~20 ms per 40 MB tensor, more than the work done on it. TensorFlow's
+    allocator keeps such memory; this does the same for the process (``M_MMAP_MAX=0``: no mmap for large
+    blocks; ``M_TRIM_THRESHOLD`` 1 GiB: freed memory stays until ``malloc_trim``, which the pipeline calls
+    after each block, see ``geoseg._memory``). Called once by the first native forward pass.
     """
-
-    def __init__(self) -> None:
-        self._free: list[torch.Tensor] = []
-        self._used: dict[int, torch.Tensor] = {}
-        self.lock = threading.Lock()
-
-    def take(self, n: int, c: int, h: int, w: int) -> torch.Tensor:
-        """An uninitialised channels_last (n, c, h, w) float32 tensor."""
-        need = n * c * h * w
-        fits = [i for i, b in enumerate(self._free) if b.numel() >= need]
-        if fits:
-            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
-        else:
-            buf = torch.empty(need)
-        t = buf[:need].view(n, h, w, c).permute(0, 3, 1, 2)
-        self._used[t.data_ptr()] = buf
-        return t
-
-    def give(self, *tensors: torch.Tensor) -> None:
-        for t in tensors:
-            self._free.append(self._used.pop(t.data_ptr()))
-
-    def reclaim(self) -> None:
-        """Count every buffer free again (the pass is over)."""
-        self._free.extend(self._used.values())
-        self._used.clear()
-
-
-def conv_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              padding: int = 0, stride: int = 1, groups: int = 1) -> torch.Tensor:
-    """``F.conv2d`` (oneDNN) written into the channels_last ``out`` (same bits: ``0 + y == y``)."""
-    out.zero_()
-    return torch.ops.mkldnn._convolution_pointwise_.binary(
-        out, x, weight, bias, [padding, padding], [stride, stride], [1, 1], groups, "add", None, None, [], None
-    )
+    global _HEAP_KEPT
+    if _HEAP_KEPT or not sys.platform.startswith("linux"):
+        return
+    _HEAP_KEPT = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    mallopt(m_trim_threshold, 1 << 30)
+    mallopt(m_mmap_max, 0)

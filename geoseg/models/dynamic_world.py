@@ -115,18 +115,13 @@ class ConvBNMish(nn.Module):
         y = F.conv2d(x, weight, bias, padding=self.conv.padding, groups=self.conv.groups)
         return simd_inplace(_mish_, y)
 
-    def native(self, x: torch.Tensor, arena: _native.Arena, **kw) -> torch.Tensor:
-        """Inference through the fused C kernels, output in ``arena``. 1x1: the raw conv, its Mish left to the
-        consumer (the depthwise kernel reading it, or the one adding the shortcut). Depthwise 3x3:
-        ``_native.dw3x3_mish`` with ``kw``."""
+    def native(self, x: torch.Tensor, **kw) -> torch.Tensor:
+        """Inference through the fused C kernels. 1x1 (or the stem): the raw conv, its Mish left to the consumer
+        (the kernel reading it). Depthwise 3x3: ``_native.dw3x3_mish`` with ``kw``."""
         weight, bias = self.folded()
-        n, _, h, w = x.shape
-        out = kw.pop("out", None)
-        if out is None:
-            out = arena.take(n, self.conv.out_channels, h, w)
         if self.conv.groups > 1:
-            return _native.dw3x3_mish(x, weight, bias, out=out, **kw)
-        return _native.conv_into(out, x, weight, bias, padding=self.conv.padding[0])
+            return _native.dw3x3_mish(x, weight, bias, **kw)
+        return F.conv2d(x, weight, bias, padding=self.conv.padding)
 
 
 class SeparableResBlock(nn.Module):
@@ -149,8 +144,7 @@ class SeparableResBlock(nn.Module):
         """The 1x1 convs that read the block's input: the first of the main path and the shortcut."""
         return [self.main[0], self.shortcut]
 
-    def native(self, t: torch.Tensor, shortcut: torch.Tensor, arena: _native.Arena,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+    def native(self, t: torch.Tensor, shortcut: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The fused-kernel path from the raw outputs of ``entry_convs`` (``t``, ``shortcut``; channel slices of
         one tensor): each 1x1 conv's Mish is applied by the depthwise kernel reading it, and the shortcut (with
         its Mish) is added by the last depthwise kernel; ``out`` as in ``dw3x3_mish``."""
@@ -158,14 +152,10 @@ class SeparableResBlock(nn.Module):
         y = None
         for i in range(1, len(layers), 2):
             if i > 1:
-                t = layers[i - 1].native(y, arena)
-                arena.give(y)
+                t = layers[i - 1].native(y)
             last = i + 1 == len(layers)
-            y = layers[i].native(
-                t, arena, in_mish=True, add=shortcut if last else None, add_mish=True, out=out if last else None
-            )
-            if i > 1:
-                arena.give(t)
+            y = layers[i].native(t, in_mish=True, add=shortcut if last else None, add_mish=True,
+                                 out=out if last else None)
         return y
 
 
@@ -213,60 +203,36 @@ class DynamicWorldNet(nn.Module):
         return self.head(x).contiguous()
 
     def _forward_native(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """CPU inference through ``_native``'s fused kernels: the same network, one pass over memory per layer.
-
-        Intermediates live in an arena kept on the module (reused by the next pass; a concurrent pass from
-        another thread gets a private one).
-        """
-        arena = self.__dict__.setdefault("_arena", _native.Arena())
-        if not arena.lock.acquire(blocking=False):
-            arena = _native.Arena()
-            arena.lock.acquire()
-        try:
-            return self._native_pass(x, size, arena)
-        finally:
-            arena.reclaim()  # after an exception some buffers are still out
-            arena.lock.release()
-
-    def _native_pass(self, x: torch.Tensor, size: tuple[int, int], arena: _native.Arena) -> torch.Tensor:
-        stem = self.stem.native(x, arena)  # raw conv; Mish is applied by the downsampling kernel
+        """CPU inference through ``_native``'s fused kernels: the same network, one pass over memory per layer."""
+        _native.keep_heap()  # large activations reuse freed memory instead of faulting in fresh pages each pass
+        stem = self.stem.native(x)  # raw conv; Mish is applied by the downsampling kernel
         n, c, big_h, big_w = stem.shape
         h, w = big_h // 2, big_w // 2
         x = _native.down2_mish(stem, _edge_gain(big_h, stem.device), _edge_gain(big_w, stem.device),
-                               arena.take(n, c, h, w))
-        arena.give(stem)
+                               torch.empty(n, c, h, w, memory_format=torch.channels_last))
+        del stem
         c2 = self.block2.shortcut.conv.out_channels
-        cs = self.side[1].conv.out_channels
-        both = arena.take(n, c2 + cs, h, w)
+        both = torch.empty(n, c2 + self.side[1].conv.out_channels, h, w, memory_format=torch.channels_last)
         # 1x1 convs that read the same input run as one conv (one pass over the input, a wider GEMM).
-        side_t, b1_t, b1_sc = _merged_conv([self.side[0], *self.block1.entry_convs()], x, arena)
-        arena.give(x)
+        side_t, b1_t, b1_sc = _merged_conv([self.side[0], *self.block1.entry_convs()], x)
         # block3 reads concat(block2, side): both write their channel slice of one tensor (no copy).
-        self.side[1].native(side_t, arena, in_mish=True, out=both[:, c2:])
-        y1 = self.block1.native(b1_t, b1_sc, arena)
-        arena.give(side_t)
-        b2_t, b2_sc = _merged_conv(self.block2.entry_convs(), y1, arena)
-        arena.give(y1)
-        self.block2.native(b2_t, b2_sc, arena, out=both[:, :c2])
-        arena.give(b2_t)
-        b3_t, b3_sc = _merged_conv(self.block3.entry_convs(), both, arena)
-        arena.give(both)
-        y3 = self.block3.native(b3_t, b3_sc, arena)
-        arena.give(b3_t)
+        self.side[1].native(side_t, in_mish=True, out=both[:, c2:])
+        y1 = self.block1.native(b1_t, b1_sc)
+        del side_t, b1_t, b1_sc
+        b2_t, b2_sc = _merged_conv(self.block2.entry_convs(), y1)
+        self.block2.native(b2_t, b2_sc, out=both[:, :c2])
+        del y1, b2_t, b2_sc
+        b3_t, b3_sc = _merged_conv(self.block3.entry_convs(), both)
+        y3 = self.block3.native(b3_t, b3_sc)
+        del both, b3_t, b3_sc
         z = F.conv2d(y3, self.head.weight)  # the 1x1 head commutes with the upsample (both linear)
-        out = _native.up2_l2_head(y3, z, self.head.bias, size)
-        arena.give(y3)
-        return out
+        return _native.up2_l2_head(y3, z, self.head.bias, size)
 
 
-def _merged_conv(convs: list[ConvBNMish], x: torch.Tensor, arena: _native.Arena) -> list[torch.Tensor]:
-    """The raw outputs of several 1x1 ``convs`` of ``x``, computed as one conv: channel slices of one arena tensor
-    (give back the first slice to free it)."""
+def _merged_conv(convs: list[ConvBNMish], x: torch.Tensor) -> list[torch.Tensor]:
+    """The raw outputs of several 1x1 ``convs`` of ``x``, computed as one conv: channel slices of one tensor."""
     folded = [c.folded() for c in convs]
-    weight = torch.cat([w for w, _ in folded])
-    bias = torch.cat([b for _, b in folded])
-    n, _, h, w = x.shape
-    out = _native.conv_into(arena.take(n, weight.shape[0], h, w), x, weight, bias)
+    out = F.conv2d(x, torch.cat([w for w, _ in folded]), torch.cat([b for _, b in folded]))
     slices, start = [], 0
     for wt, _ in folded:
         slices.append(out[:, start : start + wt.shape[0]])
