@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -56,18 +57,24 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-@pytest.mark.parametrize("fill", [0.05, 0.5, 0.95])
-def test_disk_full(small_disk, s2_chip, dw_model, reference, fill):
-    """Free space of ``fill`` x what the job writes: one StorageError saying so, nothing under a final name;
-    after freeing the space, the rerun resumes and its outputs are byte-identical."""
+@pytest.mark.parametrize("fill,where", [
+    (0.01, r"\.partial/blocks/r\d+c\d+\.npz"),  # a block record, while blocks are computed
+    (0.5, r"\.partial/work/polygons\."),  # a vector output streaming its polygons
+    (1.0, r"\.partial/work/polygons\.gpkg: .*finish"),  # the GeoPackage's spatial index, at the very end
+])
+def test_disk_full(small_disk, s2_chip, dw_model, reference, fill, where):
+    """Free space of ``fill`` x what the job writes, which runs out at three different stages: one
+    StorageError saying so and naming the file, nothing under a final name; after freeing the space, the
+    rerun resumes and its outputs are byte-identical."""
     need = sum(len(b) for b in reference.values())
     ballast = small_disk / "ballast"
     free = shutil.disk_usage(small_disk).free
     with open(ballast, "wb") as f:
         f.write(b"\0" * (free - int(need * fill)))
     out = small_disk / "out"
-    with pytest.raises(StorageError, match=r"no space left on device while trying to .*rerun the same command"):
+    with pytest.raises(StorageError, match=r"no space left on device while trying to .*rerun the same command") as e:
         predict([str(s2_chip)], str(out), overrides=["runtime.engine=local", *SETS], loaded_model=dw_model)
+    assert re.search(where, str(e.value)), str(e.value)
     assert not _finals(out), _finals(out)
     ballast.unlink()
     (rec,) = predict([str(s2_chip)], str(out), overrides=["runtime.engine=local", *SETS], loaded_model=dw_model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -104,8 +105,16 @@ class MaskWriter:
 
     def abort(self) -> None:
         if not self._ds.closed:
-            with contextlib.suppress(Exception):  # closing flushes; on a full disk that fails too
-                self._ds.close()
+            # Closing flushes; on a full disk that fails too, and libtiff would log one line per failed tile
+            # after the run's one-line error. The file is deleted anyway.
+            gdal_log = logging.getLogger("rasterio")
+            level = gdal_log.level
+            gdal_log.setLevel(logging.CRITICAL + 1)
+            try:
+                with contextlib.suppress(Exception):
+                    self._ds.close()
+            finally:
+                gdal_log.setLevel(level)
         self.scratch_path.unlink(missing_ok=True)
 
     def verify(self, path: Path) -> None:
