@@ -64,11 +64,11 @@ INLINE void store_n(float *p, v16 v, int64_t n) { memcpy(p, &v, (size_t)n * 4); 
 /* e^x, Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, scaled by 2^n through the exponent bits. */
 INLINE v16 vexp(v16 x) {
     x = vmin(vmax(x, splat(-87.0f)), splat(88.0f));
-    v16 fx = x * splat(1.44269504088896341f) + splat(0.5f);
-    v16i t = __builtin_convertvector(fx, v16i);          /* truncates toward zero */
-    v16 tf = __builtin_convertvector(t, v16);
-    t = t + (v16i)(tf > fx);                               /* floor: -1 where truncation rounded up */
-    fx = __builtin_convertvector(t, v16);
+    /* n = round(x / ln2) by the 1.5 * 2^23 trick: the sum's low mantissa bits are n (|n| <= 127) */
+    v16 t = x * splat(1.44269504088896341f) + splat(12582912.0f);
+    v16i ti;
+    memcpy(&ti, &t, sizeof ti);
+    v16 fx = t - splat(12582912.0f);
     x = x - fx * splat(0.693359375f);
     x = x - fx * splat(-2.12194440e-4f);
     v16 z = x * x;
@@ -79,7 +79,7 @@ INLINE v16 vexp(v16 x) {
     y = y * x + splat(1.6666665459e-1f);
     y = y * x + splat(5.0000001201e-1f);
     y = y * z + x + splat(1.0f);
-    v16i bits = (t + 127) << 23;
+    v16i bits = (ti - 0x4B400000 + 127) << 23;
     v16 scale;
     memcpy(&scale, &bits, sizeof scale);
     return y * scale;
@@ -361,8 +361,11 @@ def _run(calls: list) -> None:
         fn, args = calls[0]
         fn(*args)
         return
-    if _pool is None or _pool._max_workers < len(calls):  # noqa: SLF001
-        _pool = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="geoseg-native")
+    threads = min(len(calls), torch.get_num_threads())
+    if _pool is None or _pool._max_workers != threads:  # noqa: SLF001
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="geoseg-native")
     for f in [_pool.submit(fn, *args) for fn, args in calls]:
         f.result()
 
@@ -374,7 +377,10 @@ def _splits(n: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
 
 
 def _threads(work: int) -> int:
-    return max(1, min(torch.get_num_threads(), work // 65536 or 1))
+    """Pieces to cut ``work`` elements into: 4 per thread, so a thread that the OS pauses (a shared machine) holds
+    up a quarter of its share, not all of it; one piece for small work."""
+    threads = max(1, min(torch.get_num_threads(), work // 65536 or 1))
+    return 1 if threads == 1 else 4 * threads
 
 
 def mish_(x: torch.Tensor) -> torch.Tensor:
