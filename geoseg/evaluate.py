@@ -245,12 +245,13 @@ def _rasterize_labels(path, profile, class_column, class_value, class_names, lut
                      dtype="uint8")
 
 
-def evaluate_arrays(pred: np.ndarray, truth: np.ndarray, names: list[str], object_classes: list[int]) -> dict:
+def evaluate_arrays(pred: np.ndarray, truth: np.ndarray, names: list[str], object_classes: list[int],
+                    min_object_px: int = 1) -> dict:
     """Per-image partial results (confusion matrix and instance counts) that sum over images."""
     k = len(names)
     return {
         "cm": confusion(pred, truth, k),
-        "instances": {c: instance_counts(pred, truth, c) for c in object_classes},
+        "instances": {c: instance_counts(pred, truth, c, min_px=min_object_px) for c in object_classes},
     }
 
 
@@ -285,8 +286,11 @@ def _resolve_objects(object_classes, names: list[str]) -> list[int]:
 
 def evaluate_files(pairs: list[tuple[str, str]], *, class_names: list[str] | None = None,
                    object_classes=None, label_map: dict[int, int] | None = None, class_column: str | None = None,
-                   class_value: int | None = None, ignore_values: tuple = ()) -> dict:
-    """Score (prediction, labels) file pairs together; returns the report dict."""
+                   class_value: int | None = None, ignore_values: tuple = (), min_object_px: int = 1) -> dict:
+    """Score (prediction, labels) file pairs together; returns the report dict.
+
+    ``min_object_px``: objects (connected components) smaller than this many pixels are not counted, on either
+    side, in the instance metrics (pixel metrics are unaffected)."""
     parts, files, names = [], [], class_names
     for pred_path, lab_path in pairs:
         pred, profile, tag_names = _read_mask(pred_path)
@@ -300,9 +304,12 @@ def evaluate_files(pairs: list[tuple[str, str]], *, class_names: list[str] | Non
         if bad.size:
             raise InputError(f"{lab_path}: label classes {bad.tolist()} are not among the classes {names}")
         objs = _resolve_objects(object_classes, names)
-        parts.append(evaluate_arrays(pred, truth, names, objs))
+        parts.append(evaluate_arrays(pred, truth, names, objs, min_object_px))
         files.append({"prediction": pred_path, "labels": lab_path, "pixels": int(parts[-1]["cm"].sum())})
-    return merge_reports(parts, names, _resolve_objects(object_classes, names), files)
+    report = merge_reports(parts, names, _resolve_objects(object_classes, names), files)
+    for v in report["instances"].values():
+        v["min_object_px"] = min_object_px
+    return report
 
 
 def format_markdown(report: dict) -> str:
@@ -320,6 +327,8 @@ def format_markdown(report: dict) -> str:
         for n, v in report["instances"].items():
             lines.append(f"| {n} | {f(v['precision'])} | {f(v['recall'])} | {f(v['f1'])} | "
                          f"{v['matched']} / {v['predicted']} / {v['truth']} |")
+        mo = next(iter(report["instances"].values())).get("min_object_px", 1)
+        lines += ["", f"objects: connected components (8-connected) of at least {mo} px, matched at IoU >= 0.5"]
     names = report["class_names"]
     lines += ["", "confusion matrix (rows truth, columns prediction):", "",
               "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -374,7 +383,7 @@ def _stem(path: str) -> str:
 
 def run_eval(paths=(), *, model: str | None = None, images=(), labels: str | None = None, out: str | None = None,
              object_classes=(), label_map: str | None = None, class_column: str | None = None,
-             pred_dir: str | None = None, overrides=()) -> dict:
+             pred_dir: str | None = None, overrides=(), min_object_px: int = 1) -> dict:
     """``geoseg eval`` as a function (see the CLI help)."""
     import glob
     import tempfile
@@ -408,7 +417,7 @@ def run_eval(paths=(), *, model: str | None = None, images=(), labels: str | Non
                      for f in files]
             objs = list(object_classes) or ([1] if len(names) == 2 else [])
             report = evaluate_files(pairs, class_names=names, object_classes=objs, label_map=lut,
-                                    class_column=class_column)
+                                    class_column=class_column, min_object_px=min_object_px)
         finally:
             if tmp is not None:
                 tmp.cleanup()
@@ -422,7 +431,8 @@ def run_eval(paths=(), *, model: str | None = None, images=(), labels: str | Non
             _, _, tag_names = _read_mask(pred)
             if tag_names is not None and len(tag_names) == 2:
                 objs = [1]
-        report = evaluate_files([(pred, lab)], object_classes=objs, label_map=lut, class_column=class_column)
+        report = evaluate_files([(pred, lab)], object_classes=objs, label_map=lut, class_column=class_column,
+                                min_object_px=min_object_px)
     if out:
         write_report(report, out)
     return report
