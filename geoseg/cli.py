@@ -215,6 +215,32 @@ def info(input: str, model: str | None, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set
+@click.option("--overwrite", is_flag=True, help="replace an existing bundle directory (train.out)")
+@click.option("--from-checkpoint", is_flag=True,
+              help="write the bundle from the run's last checkpoint (best weights so far) without training more")
+def train(config: str, overrides: tuple[str, ...], overwrite: bool, from_checkpoint: bool) -> None:
+    """Train a model on Ray Train from CONFIG (YAML with a train: section); writes a model bundle.
+
+    Rerunning an interrupted run resumes from its last checkpoint (train.checkpoint_dir, default OUT.ckpt)."""
+    from geoseg.train.ray_train import bundle_from_checkpoint, load_train_config, train as train_model
+
+    try:
+        cfg = load_train_config(config, overrides)
+        if from_checkpoint:
+            summary = bundle_from_checkpoint(cfg, overwrite=overwrite)
+        else:
+            summary = train_model(cfg, overwrite=overwrite)
+    except GeosegError as e:
+        _fail(e)
+    best = summary["best_epoch"]
+    click.echo(f"bundle     {summary['bundle']}")
+    click.echo(f"best epoch {best.get('epoch')}: val mIoU {best.get('val_miou')} {best.get('val_iou')}")
+    click.echo(f"halo       {summary['halo']['halo_px']} px (tiled vs whole agreement {summary['halo']['agreement']:.5f})")
+
+
+@main.command()
 @click.argument("run_dir")
 @click.option("--out", "out", required=True, help="output file, local or s3:// (its suffix names the format)")
 @click.option("--aoi", default=None, help="area of interest: a vector file (local or s3://) or minx,miny,maxx,maxy "
@@ -263,32 +289,6 @@ def report(run_dir: str, overrides: tuple[str, ...]) -> None:
         _fail(e)
 
 
-@main.command()
-@click.argument("config", type=click.Path(dir_okay=False))
-@_set
-@click.option("--overwrite", is_flag=True, help="replace an existing bundle directory (train.out)")
-@click.option("--from-checkpoint", is_flag=True,
-              help="write the bundle from the run's last checkpoint (best weights so far) without training more")
-def train(config: str, overrides: tuple[str, ...], overwrite: bool, from_checkpoint: bool) -> None:
-    """Train a model on Ray Train from CONFIG (YAML with a train: section); writes a model bundle.
-
-    Rerunning an interrupted run resumes from its last checkpoint (train.checkpoint_dir, default OUT.ckpt)."""
-    from geoseg.train.ray_train import bundle_from_checkpoint, load_train_config, train as train_model
-
-    try:
-        cfg = load_train_config(config, overrides)
-        if from_checkpoint:
-            summary = bundle_from_checkpoint(cfg, overwrite=overwrite)
-        else:
-            summary = train_model(cfg, overwrite=overwrite)
-    except GeosegError as e:
-        _fail(e)
-    best = summary["best_epoch"]
-    click.echo(f"bundle     {summary['bundle']}")
-    click.echo(f"best epoch {best.get('epoch')}: val mIoU {best.get('val_miou')} {best.get('val_iou')}")
-    click.echo(f"halo       {summary['halo']['halo_px']} px (tiled vs whole agreement {summary['halo']['agreement']:.5f})")
-
-
 @main.command("eval")
 @click.argument("paths", nargs=-1)
 @click.option("--model", "model", default=None, help="predict --images with this model first, then score")
@@ -319,6 +319,26 @@ def eval_cmd(paths, model, images, labels, out, object_classes, label_map, class
     from geoseg.evaluate import format_markdown
 
     click.echo(format_markdown(report), nl=False)
+
+
+def entry() -> None:
+    """The ``geoseg`` executable: ``main`` with a hard exit after a failure. An interrupt can land inside Ray's
+    start-up or shutdown, and Ray's exit hooks were seen to crash the interpreter then (SIGSEGV instead of
+    exit code 130); the one-line message is already printed and a started Ray is ended by its watchdog."""
+    import os
+
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code != 0:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(code)
+        raise
 
 
 if __name__ == "__main__":
