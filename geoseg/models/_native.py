@@ -92,17 +92,55 @@ INLINE v16 vmish(v16 x) {
     return x * (n / (n + splat(2.0f)));
 }
 
-CLONES void geoseg_mish(float *x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) store(x + i, vmish(load(x + i)));
-    if (i < n) store_n(x + i, vmish(load_n(x + i, n - i)), n - i);
+/* vmish on four vectors, step by step, so the four dependency chains interleave (the chain of one is long). */
+INLINE void vmish4(v16 *v) {
+    v16 x[4], t[4], fx[4], y[4], z[4];
+    v16i ti[4];
+    for (int i = 0; i < 4; i++) x[i] = vmin(vmax(vmin(v[i], splat(20.0f)), splat(-87.0f)), splat(88.0f));
+    for (int i = 0; i < 4; i++) t[i] = x[i] * splat(1.44269504088896341f) + splat(12582912.0f);
+    for (int i = 0; i < 4; i++) { memcpy(&ti[i], &t[i], sizeof ti[i]); fx[i] = t[i] - splat(12582912.0f); }
+    for (int i = 0; i < 4; i++) x[i] = x[i] - fx[i] * splat(0.693359375f);
+    for (int i = 0; i < 4; i++) x[i] = x[i] - fx[i] * splat(-2.12194440e-4f);
+    for (int i = 0; i < 4; i++) { z[i] = x[i] * x[i]; y[i] = splat(1.9875691500e-4f); }
+    for (int i = 0; i < 4; i++) y[i] = y[i] * x[i] + splat(1.3981999507e-3f);
+    for (int i = 0; i < 4; i++) y[i] = y[i] * x[i] + splat(8.3334519073e-3f);
+    for (int i = 0; i < 4; i++) y[i] = y[i] * x[i] + splat(4.1665795894e-2f);
+    for (int i = 0; i < 4; i++) y[i] = y[i] * x[i] + splat(1.6666665459e-1f);
+    for (int i = 0; i < 4; i++) y[i] = y[i] * x[i] + splat(5.0000001201e-1f);
+    for (int i = 0; i < 4; i++) y[i] = y[i] * z[i] + x[i] + splat(1.0f);
+    for (int i = 0; i < 4; i++) {
+        v16i bits = (ti[i] - 0x4B400000 + 127) << 23;
+        v16 scale;
+        memcpy(&scale, &bits, sizeof scale);
+        y[i] = y[i] * scale;                           /* e^x */
+    }
+    for (int i = 0; i < 4; i++) y[i] = y[i] * (y[i] + splat(2.0f));
+    for (int i = 0; i < 4; i++) v[i] = v[i] * (y[i] / (y[i] + splat(2.0f)));
 }
 
 /* Mish of n floats from src to dst (the same instruction sequence for every element). */
 INLINE void mish_copy(float *dst, const float *src, int64_t n) {
     int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        v16 v[4];
+        for (int k = 0; k < 4; k++) v[k] = load(src + i + 16 * k);
+        vmish4(v);
+        for (int k = 0; k < 4; k++) store(dst + i + 16 * k, v[k]);
+    }
     for (; i + 16 <= n; i += 16) store(dst + i, vmish(load(src + i)));
     if (i < n) store_n(dst + i, vmish(load_n(src + i, n - i)), n - i);
+}
+
+CLONES void geoseg_mish(float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        v16 v[4];
+        for (int k = 0; k < 4; k++) v[k] = load(x + i + 16 * k);
+        vmish4(v);
+        for (int k = 0; k < 4; k++) store(x + i + 16 * k, v[k]);
+    }
+    for (; i + 16 <= n; i += 16) store(x + i, vmish(load(x + i)));
+    if (i < n) store_n(x + i, vmish(load_n(x + i, n - i)), n - i);
 }
 
 /* Fill ring slot `buf` ((W + 2) x C floats, a zero column each side) with image row `yy` of `plane` (pixels
@@ -122,6 +160,17 @@ INLINE void fill_row(float *buf, const float *plane, int64_t istride, int64_t yy
     for (int64_t x = 0; x < W; x++) {
         if (in_mish) mish_copy(dst + x * C, src + x * istride, C); else memcpy(dst + x * C, src + x * istride, (size_t)C * 4);
     }
+}
+
+/* bias + the nine taps of one pixel (o0: its column's offset in the ring rows), summed as a fixed tree. */
+INLINE v16 dw_pixel(const float *p0, const float *p1, const float *p2, int64_t o0, int64_t C, const v16 *wk, v16 b) {
+    const int64_t o1 = o0 + C, o2 = o1 + C;
+    v16 s0 = wk[0] * load(p0 + o0) + wk[1] * load(p0 + o1);
+    v16 s1 = wk[2] * load(p0 + o2) + wk[3] * load(p1 + o0);
+    v16 s2 = wk[4] * load(p1 + o1) + wk[5] * load(p1 + o2);
+    v16 s3 = wk[6] * load(p2 + o0) + wk[7] * load(p2 + o1);
+    v16 s4 = wk[8] * load(p2 + o2) + b;
+    return ((s0 + s1) + (s2 + s3)) + s4;  /* the remainder path below sums in this order too */
 }
 
 /* Depthwise 3x3 conv (zero 'same' padding) + bias + Mish [+ add], NHWC, for rows [r0, r1) of the N*H rows.
@@ -153,19 +202,21 @@ CLONES void geoseg_dw3x3(const float *in, int64_t istride, int64_t in_mish, floa
                 v16 b = load(bias + c), wk[9];
                 for (int k = 0; k < 9; k++) wk[k] = load(w + k * C + c);
                 const float *p0 = rows[0] + c, *p1 = rows[1] + c, *p2 = rows[2] + c;
-                for (int64_t x = 0; x < W; x++) {
-                    const int64_t o0 = x * C, o1 = o0 + C, o2 = o1 + C;
-                    v16 acc = b;
-                    acc = acc + wk[0] * load(p0 + o0);
-                    acc = acc + wk[1] * load(p0 + o1);
-                    acc = acc + wk[2] * load(p0 + o2);
-                    acc = acc + wk[3] * load(p1 + o0);
-                    acc = acc + wk[4] * load(p1 + o1);
-                    acc = acc + wk[5] * load(p1 + o2);
-                    acc = acc + wk[6] * load(p2 + o0);
-                    acc = acc + wk[7] * load(p2 + o1);
-                    acc = acc + wk[8] * load(p2 + o2);
-                    v16 v = vmish(acc);
+                int64_t x = 0;
+                for (; x + 4 <= W; x += 4) {  /* four pixels at a time: independent chains interleave */
+                    v16 v[4];
+                    for (int k = 0; k < 4; k++) v[k] = dw_pixel(p0, p1, p2, (x + k) * C, C, wk, b);
+                    vmish4(v);
+                    if (arow) {
+                        v16 a[4];
+                        for (int k = 0; k < 4; k++) a[k] = load(arow + (x + k) * astride + c);
+                        if (add_mish) vmish4(a);
+                        for (int k = 0; k < 4; k++) v[k] = v[k] + a[k];
+                    }
+                    for (int k = 0; k < 4; k++) store(orow + (x + k) * ostride + c, v[k]);
+                }
+                for (; x < W; x++) {
+                    v16 v = vmish(dw_pixel(p0, p1, p2, x * C, C, wk, b));
                     if (arow) {
                         v16 av = load(arow + x * astride + c);
                         v = v + (add_mish ? vmish(av) : av);
@@ -176,8 +227,9 @@ CLONES void geoseg_dw3x3(const float *in, int64_t istride, int64_t in_mish, floa
                 v16 b = load_n(bias + c, m), wk[9];
                 for (int k = 0; k < 9; k++) wk[k] = load_n(w + k * C + c, m);
                 for (int64_t x = 0; x < W; x++) {
-                    v16 acc = b;
-                    for (int k = 0; k < 9; k++) acc = acc + wk[k] * load_n(rows[k / 3] + (x + k % 3) * C + c, m);
+                    v16 t[9];
+                    for (int k = 0; k < 9; k++) t[k] = wk[k] * load_n(rows[k / 3] + (x + k % 3) * C + c, m);
+                    v16 acc = (((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))) + (t[8] + b);
                     v16 v = vmish(acc);
                     if (arow) {
                         v16 av = load_n(arow + x * astride + c, m);
