@@ -116,6 +116,8 @@ def prepare(cfg: JobConfig, card) -> list[ScenePlan]:
         raise ConfigError("output.dir is not set: where should the outputs go?")
     _check_settings(cfg, card)
     paths = store.expand_inputs(cfg.input.paths, cfg.storage)
+    if cfg.input.resample:
+        paths = [_resampled(p, cfg, card) for p in paths]
     plans = [plan_scene(i, p, cfg, card) for i, p in enumerate(paths)]
     seen: dict[str, str] = {}
     for p in plans:
@@ -126,6 +128,31 @@ def prepare(cfg: JobConfig, card) -> list[ScenePlan]:
         seen[p.stem] = p.path
     _check_output_dir(cfg.output.dir)
     return plans
+
+
+def _resampled(path: str, cfg: JobConfig, card) -> str:
+    """``input.resample``: a scene whose pixel size the model does not accept, as a VRT warped to the card's GSD
+    (named like the scene, so its outputs keep the scene's name); other scenes as they are."""
+    from geoseg.io import raster
+    from geoseg.io.contract import pixel_size_m
+    from geoseg.pipeline import scene_stem
+    from geoseg.region import warp_to_gsd
+
+    with raster.open_raster(path, cfg.storage) as src:
+        info = raster.inspect(src, path)
+    dx, dy = pixel_size_m(info)
+    lo, hi = card.accepted_gsd_m
+    if lo <= (dx * dy) ** 0.5 <= hi:
+        return path
+    if store.is_s3(cfg.output.dir):
+        import tempfile
+
+        where = tempfile.mkdtemp(prefix="geoseg-warped-")
+    else:
+        where = os.path.join(cfg.output.dir, ".geoseg-warped")
+    dest = os.path.join(where, f"{scene_stem(path)}.vrt")
+    log.info("input.resample: %s warped to %g m in %s", path, card.gsd_m, dest)
+    return warp_to_gsd(path, card, cfg.input.resampling, dest)
 
 
 def _check_settings(cfg: JobConfig, card) -> None:
@@ -272,7 +299,26 @@ def run(
         raise
     finally:
         progress.close()
+    _write_collection(cfg, records, model.card)
     return records
+
+
+def _write_collection(cfg: JobConfig, records: list[dict[str, Any]], card) -> None:
+    """``OUT/collection.json``: a STAC Collection over the scenes' Items (written after every scene)."""
+    import json
+
+    from geoseg import stac
+
+    items, hrefs = [], []
+    for r in records:
+        path = (r or {}).get("outputs", {}).get("item")
+        if path:
+            items.append(json.loads(store.read_bytes(path, cfg.storage)))
+            hrefs.append(f"./{items[-1]['id']}/item.json")
+    if items:
+        coll = stac.collection(items, "geoseg-run", hrefs, card)
+        store.write_bytes(store.join(cfg.output.dir, "collection.json"), json.dumps(coll, indent=1).encode(),
+                          cfg.storage)
 
 
 def predict(inputs: Iterable[str], out_dir: str, *, model: str = "dynamic-world", overrides=(), **kwargs):

@@ -129,6 +129,27 @@ def predict(inputs: tuple[str, ...], model: str, out: str, overrides: tuple[str,
         _fail(e)
 
 
+@main.command("map")
+@click.argument("scenes", nargs=-1)
+@click.option("--aoi", required=True, help="polygon file (GeoJSON, GPKG, GeoParquet) or bbox minx,miny,maxx,maxy")
+@click.option("--aoi-crs", default="EPSG:4326", show_default=True, help="CRS of a bbox --aoi")
+@click.option("--stac", default=None, help="a saved STAC ItemCollection (or Item) JSON instead of SCENES")
+@click.option("--name", default=None, help="region name (default: the AOI file's stem, or 'region')")
+@click.option("--model", "model", default="dynamic-world", show_default=True, help="model name or bundle path")
+@click.option("--out", "out", required=True, help="output directory (local or s3://)")
+@_set
+@_overwrite
+def map_cmd(scenes, aoi, aoi_crs, stac, name, model, out, overrides, overwrite) -> None:
+    """Map an area of interest across SCENES (one region grid, one set of outputs in OUT/<name>/)."""
+    from geoseg.region import map_region
+
+    sets = (f"input.aoi_crs={aoi_crs}",) + overrides + (_OVERWRITE_SETS if overwrite else ())
+    try:
+        _report([map_region(list(scenes), aoi, out, model=model, stac=stac, name=name, overrides=sets)])
+    except GeosegError as e:
+        _fail(e)
+
+
 @main.command()
 @click.argument("mask", type=click.Path(dir_okay=False))
 @click.option("--out", "out", required=True, help="output file (.parquet, .gpkg, .geojson, .geojsonl) or directory")

@@ -56,6 +56,23 @@ class InputConfig(_Section):
     skip_checks: list[Literal["value_range", "gsd"]] = Field(
         default_factory=list, description="input-contract checks to skip when you know the input is right"
     )
+    resample: bool = Field(
+        False, description="warp an input whose pixel size the model does not accept onto the model's GSD "
+        "(the outputs are then on that grid, not the input's)"
+    )
+    resampling: Literal["bilinear", "cubic", "nearest"] = Field(
+        "bilinear", description="how image bands are resampled when warped (region mosaics, input.resample)"
+    )
+    aoi: str | None = Field(
+        None, description="area of interest: a polygon file (GeoJSON, GPKG, GeoParquet; features are united) "
+        "or a bbox 'minx,miny,maxx,maxy' in input.aoi_crs; blocks outside it are never read, pixels outside it "
+        "are nodata"
+    )
+    aoi_crs: str = Field("EPSG:4326", description="CRS of a bbox given as input.aoi")
+    overlap: Literal["first", "newest", "least_cloudy"] = Field(
+        "first", description="region mosaics: which scene wins where scenes overlap (first valid in the given "
+        "order, newest acquisition, or lowest cloud score from the STAC item)"
+    )
 
     @field_validator("scale")
     @classmethod
@@ -131,6 +148,12 @@ class OutputConfig(_Section):
     compress: Literal["deflate", "lzw", "zstd", "none"] = "deflate"
     overviews: bool = True
     report: bool = Field(True, description="write report.html + preview.png per scene (geoseg report rebuilds them)")
+    crs: str | None = Field(
+        None, description="region maps: the output CRS when scenes must be warped (default: the AOI's UTM zone)"
+    )
+    resolution_m: float | None = Field(
+        None, gt=0, description="region maps: output pixel size when warping, metres (default: the model's GSD)"
+    )
 
     @field_validator("cog_blocksize_px")
     @classmethod

@@ -77,6 +77,8 @@ class ScenePlan:
     fill_value: float = 0.0  # what the model sees in place of invalid input (the card's fill_value)
     scale: float = 1.0  # input.scale / input.offset: raw values -> the model's units
     offset: float = 0.0
+    aoi_wkb: bytes | None = None  # input.aoi in the scene's CRS: pixels outside are nodata
+    aoi_blocks: frozenset[str] | None = None  # ids of the blocks that touch the AOI (None: no AOI, all)
 
 
 def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
@@ -98,8 +100,54 @@ def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
         from geoseg.vectorize import sieve_size_px
 
         sieve_px = sieve_size_px(cfg.vector.sieve_px, cfg.vector.min_area_m2, info.transform, info.crs, info.shape)
+    aoi_wkb, aoi_blocks = None, None
+    if cfg.input.aoi:
+        aoi_wkb, aoi_blocks = _aoi_blocks(cfg, info, grid, path)
     return ScenePlan(index, path, scene_stem(path), info, bands, grid, out_dir, cfg.storage, sieve_px,
-                     fill_value=card.fill_value, scale=cfg.input.scale, offset=cfg.input.offset)
+                     fill_value=card.fill_value, scale=cfg.input.scale, offset=cfg.input.offset,
+                     aoi_wkb=aoi_wkb, aoi_blocks=aoi_blocks)
+
+
+def _aoi_blocks(cfg: JobConfig, info: raster.RasterInfo, grid: TileGrid, path: str) -> tuple[bytes, frozenset[str]]:
+    """The AOI in the scene's CRS (WKB) and the ids of the blocks whose window touches it."""
+    import shapely
+
+    from geoseg.errors import InputError
+    from geoseg.region import read_aoi
+
+    geom = read_aoi(cfg.input.aoi, cfg.input.aoi_crs).in_crs(info.crs_wkt)
+    blocks = list(grid.blocks())
+    t = info.transform
+    boxes = []
+    for b in blocks:
+        w = b.window
+        x0, y0 = t @ (w.col_off, w.row_off)
+        x1, y1 = t @ (w.col_off + w.width, w.row_off + w.height)
+        boxes.append(shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
+    shapely.prepare(geom)
+    # interiors must meet: a block the AOI only touches along an edge has no pixel centre in it
+    hits = shapely.intersects(geom, boxes) & ~shapely.touches(geom, boxes)
+    touching = frozenset(b.id for b, hit in zip(blocks, hits) if hit)
+    if not touching:
+        raise InputError(f"{path}: input.aoi {cfg.input.aoi!r} does not overlap the raster")
+    return shapely.to_wkb(geom), touching
+
+
+_AOI_CACHE: dict[int, Any] = {}
+
+
+def _aoi_mask(plan: ScenePlan, window) -> np.ndarray:
+    """True where a pixel's centre lies in the AOI, over ``window`` of the scene."""
+    import shapely
+    from rasterio import features, windows
+
+    key = hash(plan.aoi_wkb)
+    geom = _AOI_CACHE.get(key)
+    if geom is None:
+        _AOI_CACHE.clear()
+        geom = _AOI_CACHE[key] = shapely.from_wkb(plan.aoi_wkb)
+    shape = (int(window.height), int(window.width))
+    return features.geometry_mask([geom], shape, windows.transform(window, plan.info.transform), invert=True)
 
 
 # Worker processes keep their datasets open between blocks of the same scene (one open per scene, not per
@@ -123,8 +171,15 @@ def _dataset(plan: ScenePlan):
 
 def read_block(plan: ScenePlan, block: Block) -> tuple[np.ndarray, np.ndarray]:
     """Read a block's window (block + halo) in the model's bands: (data, valid)."""
-    return raster.read_window(_dataset(plan), block.read, plan.bands, fill=plan.fill_value, scale=plan.scale,
-                              offset=plan.offset)
+    if plan.aoi_blocks is not None and block.id not in plan.aoi_blocks:
+        # outside the AOI: never read; no valid pixel, so no tile reaches the model
+        rows, cols = int(block.read.height), int(block.read.width)
+        return np.zeros((len(plan.bands), rows, cols), np.uint8), np.zeros((rows, cols), bool)
+    data, valid = raster.read_window(_dataset(plan), block.read, plan.bands, fill=plan.fill_value,
+                                     scale=plan.scale, offset=plan.offset)
+    if plan.aoi_wkb is not None:
+        valid &= _aoi_mask(plan, block.read)  # the output outside the AOI is nodata; the input stays as read
+    return data, valid
 
 
 @dataclass
@@ -226,7 +281,8 @@ class SceneWriter:
         self.run_record = _run_record_path(plan)
         self.fp = fingerprint(cfg, card, plan.info, plan.bands)
         self.t0 = time.time()
-        self.stats = {"model_calls": 0, "tiles_inferred": 0, "tiles_skipped_nodata": 0, "blocks_resumed": 0, "blocks_computed": 0}
+        self.stats = {"model_calls": 0, "tiles_inferred": 0, "tiles_skipped_nodata": 0, "blocks_resumed": 0,
+                      "blocks_computed": 0, "blocks_read": 0}
         self.failed: dict[str, str] = {}
         self.done: dict[str, str] = {}  # block id -> sha256 of its mask
         self._prepare(overwrite)
@@ -312,6 +368,8 @@ class SceneWriter:
         else:
             self._record_block(block.id, result.mask, sha)
             self.stats["blocks_computed"] += 1
+            if self.plan.aoi_blocks is None or block.id in self.plan.aoi_blocks:
+                self.stats["blocks_read"] += 1
         self.done[block.id] = sha
         self.stats["tiles_inferred"] += result.tiles_inferred
         self.stats["tiles_skipped_nodata"] += result.tiles_skipped
@@ -422,6 +480,12 @@ class SceneWriter:
             for kind, path in write_scene_report(self.work, record, mask=local["mask"], storage=self.storage).items():
                 local[kind] = path
                 files[kind] = record["outputs"][kind] = store.join(self.out_dir, path.name)
+        from geoseg.stac import scene_item  # the STAC Item, so catalogs (and QGIS's STAC browser) find it
+
+        local["item"] = self.work / "item.json"
+        files["item"] = record["outputs"]["item"] = store.join(self.out_dir, "item.json")
+        item = scene_item(record, self.plan.stem, self.card)
+        local["item"].write_bytes(json.dumps(item, indent=1).encode())
         local["run"] = self.work / "run.json"
         local["run"].write_bytes(json.dumps(record, indent=1).encode())
         files["run"] = self.run_record

@@ -24,7 +24,7 @@ def _run(src, out, model, *sets, **kw):
 
 
 def _outputs(rec) -> dict[str, bytes]:
-    files = {k: v for k, v in rec["outputs"].items() if k not in ("manifest", "report")}  # report: timings
+    files = {k: v for k, v in rec["outputs"].items() if k not in ("manifest", "report", "item")}  # report, item: times
     return {k: Path(v).read_bytes() for k, v in files.items()}
 
 

@@ -31,8 +31,8 @@ def local_reference(tmp_path_factory, s2_chip, dw_model):
     out = tmp_path_factory.mktemp("local")
     (rec,) = predict([str(s2_chip)], str(out), overrides=["runtime.engine=local", "tiling.block_px=256"],
                      loaded_model=dw_model)
-    # report.html holds timings and the input's path: not comparable byte for byte
-    return {Path(v).name: Path(v).read_bytes() for k, v in rec["outputs"].items() if k not in ("manifest", "report")}
+    # report.html and item.json hold times and the input's path: not comparable byte for byte
+    return {Path(v).name: Path(v).read_bytes() for k, v in rec["outputs"].items() if k not in ("manifest", "report", "item")}
 
 
 def _get(s3_server, bucket, key) -> bytes:

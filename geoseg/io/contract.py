@@ -125,7 +125,7 @@ def _gsd_check(info: RasterInfo, card) -> Check:
         ratio = gsd / card.gsd_m
         return Check("gsd", False,
                      f"{seen} is {_fmt(ratio)}x the model's {_fmt(card.gsd_m)} m (accepted: {_fmt(lo)} to "
-                     f"{_fmt(hi)} m); resample the raster to {_fmt(card.gsd_m)} m (e.g. gdalwarp -tr), or set "
+                     f"{_fmt(hi)} m); set input.resample=true to warp it to {_fmt(card.gsd_m)} m, or "
                      "input.skip_checks=[gsd] if you know the model works at this scale")
     return Check("gsd", True, f"{seen}, accepted {_fmt(lo)} to {_fmt(hi)} m")
 
