@@ -359,6 +359,11 @@ def map_region(scene_paths: list[str], aoi_spec: str, out_dir: str, *, model: st
         if not scene_paths:
             raise ConfigError("geoseg map: give scenes (paths, globs, s3:// prefixes) or --stac ITEMS.json")
         scenes = [Scene(p) for p in store.expand_inputs(scene_paths, cfg.storage)]
+    remote = [s.path for s in scenes if store.is_s3(s.path) or s.path.startswith("/vsi")]
+    if remote:
+        # The mosaic is a local VRT that workers open without the S3 settings; refuse rather than fail late.
+        raise ConfigError(f"geoseg map: scenes on S3 are not supported in a region mosaic yet ({remote[0]}); "
+                          "copy them to a local or shared file system, or map them one by one with geoseg predict")
     for s in scenes:
         with raster.open_raster(s.path, cfg.storage) as src:
             s.info = raster.inspect(src, s.path)
