@@ -7,6 +7,10 @@ them produce the same number of polygons and the same area per class.
 
     python benchmarks/bench_vectorize.py [--size 8192] [--block-px 1024] [--workers 2] [--connectivity 4]
 
+Each tool's CPU-seconds (its process and the workers or subprocess it waits for) are measured with its wall
+time. Goals (issue 16): geoseg >= 2x gdal_polygonize's throughput per CPU-second, and >= 3x faster in wall time
+than ``gdal_polygonize`` to FlatGeobuf (GDAL's fastest output), on the same mask with the same polygons.
+
 ``gdal_polygonize`` (Debian ``gdal-bin`` + ``python3-gdal``) is timed writing a GeoPackage, as geoseg's GPKG run
 does, and a FlatGeobuf (GDAL's fastest indexed vector output); geoseg's GeoParquet run is its default analyst
 output. ``shapes`` only polygonizes into Python objects in memory (no output file), so it is a lower bound for any
@@ -25,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import resource
+
 import numpy as np
 import pyogrio
 import pyarrow.parquet as pq
@@ -36,10 +42,12 @@ from rasterio import features
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._result import result  # noqa: E402
 from geoseg.config import VectorConfig  # noqa: E402
 from geoseg.vectorize import vectorize_file  # noqa: E402
 
 STRATA = Path(os.environ.get("GEOSEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "landcover_nc" / "strata.tif"
+CPU: dict[str, float] = {}  # CPU-seconds per run, keyed by output file name, then by row name
 NAMES = [None, "developed", "agriculture", "herbaceous", "shrubland", "forest", "water", "sediment"]
 
 
@@ -61,15 +69,25 @@ def make_mask(path: Path, size: int) -> tuple[np.ndarray, float]:
     return big, abs(t.a * t.e)
 
 
+def cpu_seconds() -> float:
+    """CPU-seconds of this process and of the children it has waited for (worker pools, subprocesses)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        total += r.ru_utime + r.ru_stime
+    return total
+
+
 def class_areas_from_table(class_ids: np.ndarray, areas: np.ndarray) -> dict[int, float]:
     return {int(c): float(areas[class_ids == c].sum()) for c in np.unique(class_ids)}
 
 
 def run_geoseg(mask_path: Path, out: Path, fmt: str, args) -> tuple[float, int, dict[int, float]]:
     cfg = VectorConfig(formats=[fmt], connectivity=args.connectivity)
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     res = vectorize_file(mask_path, out, cfg, block_px=args.block_px, workers=args.workers)
     dt = time.perf_counter() - t0
+    CPU[out.name] = cpu_seconds() - c0
     path = res.paths[fmt]
     if fmt == "parquet":
         tab = pq.read_table(path, columns=["class_id", "area_m2"])
@@ -84,9 +102,10 @@ def run_shapes(mask: np.ndarray, px_area: float, connectivity: int) -> tuple[flo
     """Single-pass whole-mask polygonize into Python objects (what most tools do). Timed: the polygonize
     alone; the per-class areas for the check come from a second, untimed pass."""
     valid = mask != 255
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     n = sum(1 for _ in features.shapes(mask, mask=valid, connectivity=connectivity, transform=Affine.identity()))
     dt = time.perf_counter() - t0
+    CPU["shapes"] = cpu_seconds() - c0
     areas: dict[int, float] = {}
     for geom, value in features.shapes(mask, mask=valid, connectivity=connectivity, transform=Affine.identity()):
         a = 0.0
@@ -104,9 +123,10 @@ def run_gdal(mask_path: Path, out: Path, connectivity: int, fmt: str) -> tuple[f
     cmd = [exe, "-q", str(mask_path), "-f", fmt, str(out), "polygons", "class_id"]
     if connectivity == 8:
         cmd.insert(1, "-8")
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     subprocess.run(cmd, check=True)
     dt = time.perf_counter() - t0
+    CPU[out.name] = cpu_seconds() - c0
     _, tab = pyogrio.read_arrow(out, layer="polygons", columns=["class_id"])
     geom = shapely.from_wkb(tab.column(tab.schema.names[-1]).to_numpy(zero_copy_only=False))
     cls = tab.column("class_id").to_numpy()
@@ -150,15 +170,24 @@ def main() -> None:
                 print("gdal_polygonize not on PATH: skipped (apt-get install gdal-bin python3-gdal)")
                 break
             rows.append((f"gdal_polygonize -> {fmt}", *res))
+        files = {"geoseg -> GeoParquet": "geoseg.parquet", "geoseg -> GPKG": "geoseg.gpkg",
+                 "rasterio shapes (1 pass, in memory)": "shapes"}
+        for name, *_ in rows:
+            key = files.get(name) or "gdal." + {"GPKG": "gpkg", "FlatGeobuf": "fgb"}.get(name.split("-> ")[-1],
+                                                                                       name.split("-> ")[-1].lower())
+            CPU[name] = CPU[key]
         base = rows[0][1]
-        print(f"{'tool':38s} {'seconds':>8s} {'Mpx/s':>7s} {'x geoseg-parquet':>17s} {'polygons':>9s}  areas")
+        print(f"{'tool':38s} {'seconds':>8s} {'CPU-s':>7s} {'Mpx/s':>7s} {'Mpx/CPU-s':>9s} {'x geoseg-parquet':>17s} "
+              f"{'polygons':>9s}  areas")
         counts = set()
         ok = True
         for name, dt, n, areas in rows:
             rel = max(abs(areas.get(c, 0.0) - a) / a for c, a in ref_areas.items())
             ok &= rel < 1e-9 and set(areas) == set(ref_areas)
             counts.add(n)
-            print(f"{name:38s} {dt:8.2f} {mpx / dt:7.2f} {dt / base:17.2f} {n:9d}  max rel. class-area error {rel:.1e}")
+            cpu = CPU[name]
+            print(f"{name:38s} {dt:8.2f} {cpu:7.2f} {mpx / dt:7.2f} {mpx / cpu:9.2f} {dt / base:17.2f} {n:9d}  "
+                  f"max rel. class-area error {rel:.1e}")
         ok &= len(counts) == 1
         by = {r[0]: r[1] for r in rows}
         for gname in [n for n in by if n.startswith("gdal_polygonize")]:
@@ -166,6 +195,18 @@ def main() -> None:
                 if name in by:
                     print(f"speed-up of {name} over {gname}: {by[gname] / by[name]:.2f}x")
         print("identical polygon counts and class areas: " + ("yes" if ok else "NO"))
+        g, f = "geoseg -> GeoParquet", "gdal_polygonize -> FlatGeobuf"
+        if f in by:
+            per_cpu = CPU[f] / CPU[g]  # same mask: the CPU-seconds ratio is the per-CPU-second throughput ratio
+            print(f"per CPU-second, {g} vs {f}: {per_cpu:.2f}x; wall: {by[f] / by[g]:.2f}x")
+            note = "" if ok else "; outputs DIFFER"
+            result(f"vectorize per CPU-second vs gdal_polygonize ({args.size}x{args.size} mask)", round(per_cpu, 2),
+                   ">=", 2.0, "x", f"geoseg {CPU[g]:.1f} CPU-s vs GDAL FlatGeobuf {CPU[f]:.1f} CPU-s{note}")
+            result(f"vectorize wall vs gdal_polygonize to FlatGeobuf ({os.cpu_count()} CPUs)", round(by[f] / by[g], 2),
+                   ">=", 3.0, "x", f"geoseg {by[g]:.1f} s vs GDAL {by[f]:.1f} s, workers={args.workers}{note}")
+        else:
+            for name in ("vectorize per CPU-second vs gdal_polygonize", "vectorize wall vs gdal_polygonize to FlatGeobuf"):
+                result(name, None, ">=", 2.0 if "CPU" in name else 3.0, "x", "gdal_polygonize not run")
         if not ok:
             sys.exit(1)
     finally:
