@@ -132,3 +132,23 @@ def test_eval_with_model_predicts_then_scores(val_dir, tmp_path):
     assert rep["class_names"] == ["background", "building"] and "building" in rep["instances"]
     assert rep["model"]["name"] == "tiny-rgb"
     assert "| building |" in p.stdout
+
+
+def test_shipped_buildings_model_on_validation_chips(val_dir, tmp_path):
+    """The registered `buildings` bundle: card filled from the data, and `geoseg predict` + eval on area2/val
+    chips (a regression guard well below the full-set number in the README)."""
+    from geoseg.api import predict
+    from geoseg.models import list_models, load_model
+
+    assert "buildings" in list_models()
+    card = load_model("buildings").card
+    assert card.bands == ["red", "green", "blue"] and card.class_names == ["background", "building"]
+    assert card.normalization.name == "standardize" and len(card.normalization.params["mean"]) == 3
+    assert card.halo_px % card.output_stride == 0 and card.halo_px > 0
+    imgs = sorted((val_dir / "images").glob("*.tif"))[::7]  # 5 chips across the zoom levels
+    predict([str(p) for p in imgs], str(tmp_path / "pred"), model="buildings",
+            overrides=["runtime.engine=local", "vector.enabled=false"])
+    pairs = [(str(tmp_path / "pred" / p.stem / "mask.tif"), str(val_dir / "masks" / f"{p.stem}.mask.tif"))
+             for p in imgs]
+    r = evaluate_files(pairs, object_classes=["building"])
+    assert r["classes"]["building"]["iou"] > 0.55, r["classes"]["building"]

@@ -51,6 +51,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 
 PRETRAINED: dict[str, Path] = {
     "dynamic-world": WEIGHTS_DIR / "dynamic_world",
+    "buildings": WEIGHTS_DIR / "buildings",  # RGB aerial 0.05-0.5 m, trained by configs/train_buildings.yaml
 }
 
 _ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
