@@ -135,17 +135,21 @@ def predict(inputs: tuple[str, ...], model: str, out: str, overrides: tuple[str,
 @click.option("--aoi-crs", default="EPSG:4326", show_default=True, help="CRS of a bbox --aoi")
 @click.option("--stac", default=None, help="a saved STAC ItemCollection (or Item) JSON instead of SCENES")
 @click.option("--name", default=None, help="region name (default: the AOI file's stem, or 'region')")
-@click.option("--model", "model", default="dynamic-world", show_default=True, help="model name or bundle path")
+@click.option("--model", "model", default=None, help="model name or bundle path (default: the config's, or "
+              "dynamic-world)")
+@click.option("--config", "config", default=None, type=click.Path(dir_okay=False), help="a YAML job file for the "
+              "other settings")
 @click.option("--out", "out", required=True, help="output directory (local or s3://)")
 @_set
 @_overwrite
-def map_cmd(scenes, aoi, aoi_crs, stac, name, model, out, overrides, overwrite) -> None:
+def map_cmd(scenes, aoi, aoi_crs, stac, name, model, config, out, overrides, overwrite) -> None:
     """Map an area of interest across SCENES (one region grid, one set of outputs in OUT/<name>/)."""
     from geoseg.region import map_region
 
     sets = (f"input.aoi_crs={aoi_crs}",) + overrides + (_OVERWRITE_SETS if overwrite else ())
     try:
-        _report([map_region(list(scenes), aoi, out, model=model, stac=stac, name=name, overrides=sets)])
+        _report([map_region(list(scenes), aoi, out, model=model, stac=stac, name=name, overrides=sets,
+                            config=config)])
     except GeosegError as e:
         _fail(e)
 

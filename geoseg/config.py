@@ -29,6 +29,7 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "apply_overrides",
+    "relative_to_file",
 ]
 
 
@@ -124,6 +125,10 @@ class RuntimeConfig(_Section):
         None, gt=0, description="blocks read but not yet written; bounds memory (default: 2 per worker + 2)"
     )
     progress: Literal["auto", "bar", "log", "none"] = "auto"
+    wait_for_resources_s: float = Field(
+        0.0, ge=0, description="on a cluster whose autoscaler adds nodes, wait this long for the workers' CPUs "
+        "and GPUs to appear before refusing (0: refuse at once when they are not there)"
+    )
     max_pixels: int = Field(
         50_000_000_000, gt=0, description="refuse a scene larger than this many pixels (a VRT or header that "
         "declares an absurd size would otherwise plan millions of blocks); raise it for larger mosaics"
@@ -374,11 +379,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({_yaml_reason(e)})") from None
-    data = _relative_to(data, p.parent)
+    data = relative_to_file(data, p.parent)
     return config_from_dict(apply_overrides(data or {}, overrides), source=str(p))
 
 
-def _relative_to(data: Any, base: Path) -> Any:
+def relative_to_file(data: Any, base: Path) -> Any:
     """Relative local input paths in a job file are relative to the file's folder, not to where the job is
     started (``geoseg run configs/job.yaml`` and ``cd configs; geoseg run job.yaml`` read the same scenes).
     ``--set`` values stay relative to the working directory, like any command-line path."""

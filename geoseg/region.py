@@ -336,17 +336,33 @@ def warp_to_gsd(path: str, card, resampling: str, dest: Path) -> str:
     return _warped_vrt(scene, grid, resampling, Path(dest))
 
 
-def map_region(scene_paths: list[str], aoi_spec: str, out_dir: str, *, model: str = "dynamic-world",
-               stac: str | None = None, name: str | None = None, overrides=(), loaded_model=None, engine=None):
+def map_region(scene_paths: list[str], aoi_spec: str, out_dir: str, *, model: str | None = None,
+               stac: str | None = None, name: str | None = None, overrides=(), loaded_model=None, engine=None,
+               config: str | None = None):
     """``geoseg map``: map the AOI across ``scene_paths`` (or the STAC items in ``stac``) into
-    ``out_dir/<name>/``. Returns the region's run record."""
+    ``out_dir/<name>/``, with the settings of the job file ``config`` if given. Returns the region's run
+    record."""
+    import copy
+
+    import yaml
+
     from geoseg.api import run
-    from geoseg.config import apply_overrides, config_from_dict
+    from geoseg.config import relative_to_file, apply_overrides, config_from_dict
     from geoseg.io import raster, store
     from geoseg.models import load_model
 
-    base = apply_overrides({"model": {"name": model}, "output": {"dir": out_dir}, "input": {"aoi": aoi_spec}},
-                           overrides)
+    data: dict = {}
+    if config:
+        try:
+            data = relative_to_file(yaml.safe_load(Path(config).read_text()) or {}, Path(config).parent)
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{config}: cannot read the job file ({str(e).splitlines()[0]})") from None
+    data = copy.deepcopy(data)
+    if model:
+        data.setdefault("model", {})["name"] = model
+    data.setdefault("output", {})["dir"] = out_dir
+    data.setdefault("input", {})["aoi"] = aoi_spec
+    base = apply_overrides(data, overrides)
     cfg = config_from_dict(base, source="map arguments")
     gm = loaded_model or load_model(cfg.model.name)
     card = gm.card

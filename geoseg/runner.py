@@ -78,25 +78,49 @@ def _quiet_ray_start():
             lg.setLevel(level)
 
 
-def _check_resources(cfg: JobConfig, gpus: float) -> None:
-    """Refuse a pool that can never be scheduled here (it would wait forever), naming the settings."""
+def _resource_problem(cfg: JobConfig, gpus: float, have: dict) -> str | None:
+    """What the actor pool needs and the cluster lacks now, in words; None when it fits."""
     rt = cfg.runtime
-    have = ray.cluster_resources()
     need_cpu = rt.workers * rt.cpus_per_worker + rt.cpus_per_task
     if need_cpu > have.get("CPU", 0) + 1e-9:
-        raise ConfigError(
-            f"runtime.workers={rt.workers} x runtime.cpus_per_worker={rt.cpus_per_worker} plus "
-            f"runtime.cpus_per_task={rt.cpus_per_task} need {need_cpu:g} CPUs; the Ray cluster has "
-            f"{have.get('CPU', 0):g}. Lower them (fractions are allowed) or add nodes"
-        )
+        return (f"runtime.workers={rt.workers} x runtime.cpus_per_worker={rt.cpus_per_worker} plus "
+                f"runtime.cpus_per_task={rt.cpus_per_task} need {need_cpu:g} CPUs; the Ray cluster has "
+                f"{have.get('CPU', 0):g}. Lower them (fractions are allowed) or add nodes")
     if rt.device == "cuda" and not have.get("GPU", 0):
-        raise ConfigError("runtime.device is 'cuda' but the Ray cluster has no GPUs; use runtime.device=auto "
-                          "or cpu, or add GPU nodes")
+        return "runtime.device is 'cuda' but the Ray cluster has no GPUs; use runtime.device=auto or cpu, or add GPU nodes"
     if gpus and rt.workers * gpus > have.get("GPU", 0) + 1e-9:
-        raise ConfigError(
-            f"runtime.workers={rt.workers} x runtime.num_gpus_per_worker={gpus:g} need "
-            f"{rt.workers * gpus:g} GPUs; the Ray cluster has {have.get('GPU', 0):g}"
-        )
+        return (f"runtime.workers={rt.workers} x runtime.num_gpus_per_worker={gpus:g} need "
+                f"{rt.workers * gpus:g} GPUs; the Ray cluster has {have.get('GPU', 0):g}")
+    return None
+
+
+def _check_resources(cfg: JobConfig, gpus: float) -> None:
+    """Refuse a pool that can never be scheduled here (it would wait forever), naming the settings. With
+    ``runtime.wait_for_resources_s`` (a cluster whose autoscaler adds nodes on demand, e.g. KubeRay with
+    ``enableInTreeAutoscaling``), first wait that long for the resources to appear."""
+    import time
+
+    wait_s = cfg.runtime.wait_for_resources_s
+    t0 = time.monotonic()
+    said = False
+    while True:
+        problem = _resource_problem(cfg, gpus, ray.cluster_resources())
+        if problem is None:
+            return
+        if time.monotonic() - t0 >= wait_s:
+            raise ConfigError(problem + (f" (after waiting {wait_s:g} s for the autoscaler)" if wait_s else ""))
+        if not said:
+            log.info("waiting up to %g s for the cluster to add resources: %s", wait_s, problem)
+            said = True
+        if wait_s:
+            # a resource request makes Ray's autoscaler start the nodes the pool needs, before any actor exists
+            from ray.autoscaler.sdk import request_resources
+
+            rt = cfg.runtime
+            bundle = {"CPU": rt.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+            with contextlib.suppress(Exception):
+                request_resources(bundles=[bundle] * rt.workers)
+        time.sleep(min(2.0, max(0.0, wait_s - (time.monotonic() - t0))))
 
 
 @ray.remote

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="*")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--model", default="dynamic-world")
+    ap.add_argument("--model", default=None, help="default: the config's model, or dynamic-world")
+    ap.add_argument("--config", default=None, help="a YAML job file for the other settings (e.g. a ConfigMap)")
     ap.add_argument("--aoi", default=None, help="polygon file or bbox minx,miny,maxx,maxy (then: one region)")
     ap.add_argument("--aoi-crs", default="EPSG:4326")
     ap.add_argument("--stac", default=None, help="a saved STAC ItemCollection instead of inputs")
@@ -37,13 +38,14 @@ def main(argv: list[str] | None = None) -> int:
             from geoseg.region import map_region
 
             records = [map_region(args.inputs, args.aoi, args.out, model=args.model, stac=args.stac,
-                                  name=args.name, overrides=[f"input.aoi_crs={args.aoi_crs}", *sets])]
+                                  name=args.name, overrides=[f"input.aoi_crs={args.aoi_crs}", *sets],
+                                  config=args.config)]
         else:
             from geoseg.api import predict
 
             if not args.inputs:
                 ap.error("give input rasters (or --aoi with --stac)")
-            records = predict(args.inputs, args.out, model=args.model, overrides=sets)
+            records = predict(args.inputs, args.out, model=args.model or "dynamic-world", overrides=sets)
         for r in records:
             logging.info("done: %s -> %s", r["input"]["path"], r["outputs"])
     except (GeosegError, KeyboardInterrupt) as e:

@@ -145,3 +145,18 @@ def test_node_loss_mid_run(tmp_path, s2_chip):
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["removed_node_after_blocks"] >= 1
     assert report["identical"], report
+
+
+def test_waits_for_resources_then_refuses(tmp_path, s2_chip, dw_model, ray_local):
+    """With runtime.wait_for_resources_s the pool waits for an autoscaler to add what it lacks, then refuses
+    with the same clear error (here nothing adds the 0.8 missing CPUs)."""
+    import time
+
+    from geoseg.errors import ConfigError
+
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"need 2\.8 CPUs; the Ray cluster has 2\. .* \(after waiting 3 s"):
+        _run(s2_chip, tmp_path, dw_model, "runtime.engine=ray", "runtime.workers=2", "runtime.cpus_per_worker=0.9",
+             "runtime.num_gpus_per_worker=0", "runtime.wait_for_resources_s=3")
+    assert time.monotonic() - t0 >= 3
+    assert not list(tmp_path.rglob("run.json"))
