@@ -239,3 +239,11 @@ def test_native_down_and_up_kernels(shape):
         expected = F.conv2d(up * torch.rsqrt(torch.clamp_min((up * up).sum(1, keepdim=True), 1e-12)), head_w, head_b)
         z = F.conv2d(got, head_w)
         assert (_native.up2_l2_head(got, z, head_b, size) - expected).abs().max() <= 1e-5
+
+
+def test_cpu_autocast_takes_the_torch_path(dw):
+    """bf16 autocast on CPU (bench_autocast) runs PyTorch ops: the fused kernels are float32 only."""
+    x = torch.rand(1, 9, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dw.module(x)
+    assert y.shape == (1, 9, 64, 64)

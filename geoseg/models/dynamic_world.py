@@ -81,9 +81,17 @@ def _mish_(x: torch.Tensor) -> None:
     F.mish(x, inplace=True)
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def _use_native(x: torch.Tensor) -> bool:
     """The fused C kernels (``_native``) serve CPU float32 inference when they compiled; else PyTorch ops."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and _native.available()
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not _cpu_autocast() and _native.available())
 
 
 class ConvBNMish(nn.Module):
