@@ -300,6 +300,10 @@ def run(
     finally:
         progress.close()
     _write_collection(cfg, records, model.card)
+    if cfg.output.report and any(records):  # the run's page over its scenes' pages
+        from geoseg.report import write_run_report
+
+        write_run_report(cfg.output.dir, cfg.storage)
     return records
 
 

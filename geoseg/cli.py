@@ -70,12 +70,10 @@ def _report(records) -> None:
             click.echo(f"  {kind:9s} {path}")
         click.echo(f"  {'run':9s} {outs['mask'].rsplit('/', 1)[0]}/run.json")
     done = [r for r in records if r]
-    if done and done[0]["config"]["output"].get("report", True):  # the run's page over its scenes' pages
-        from geoseg.config import StorageConfig
-        from geoseg.report import write_run_report
+    if done and done[0]["config"]["output"].get("report", True):  # written by the run over its scenes' pages
+        from geoseg.io import store
 
-        cfg = done[0]["config"]
-        click.echo(f"report      {write_run_report(cfg['output']['dir'], StorageConfig(**cfg['storage']))}")
+        click.echo(f"report      {store.join(done[0]['config']['output']['dir'], 'report.html')}")
 
 
 @click.group(cls=_Group)
