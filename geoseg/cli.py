@@ -349,7 +349,12 @@ def entry() -> None:
     start-up or shutdown, and Ray's exit hooks were seen to crash the interpreter then (SIGSEGV instead of
     exit code 130); the one-line message is already printed and a started Ray is ended by its watchdog."""
     import os
+    import signal
 
+    def _stop(signum, frame):  # SIGTERM (a scheduler stopping the job) stops it as Ctrl-C does: exit 130
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         main()
     except SystemExit as e:
@@ -361,6 +366,9 @@ def entry() -> None:
                 except Exception:
                     pass
             os._exit(code)
+        # done: a signal arriving while the interpreter winds down must not turn success into a failure
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise
 
 

@@ -193,6 +193,9 @@ def _gpus_per_worker(cfg: JobConfig) -> float:
 
 def ray_engine(plans: list[ScenePlan], items: list[WorkItem], cfg: JobConfig, model) -> Iterator[BlockResult]:
     """Yield each item's ``BlockResult`` (any order), keeping at most ``max_in_flight_blocks`` in flight."""
+    # ray.init replaces SIGTERM's handler with one that kills the node and exits 1; the job's own (a clean stop
+    # like Ctrl-C, exit 130) is put back here and stays after a Ray this job started is shut down.
+    before = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     started = init_ray(cfg)
     rt = cfg.runtime
     read_task = ray.remote(num_cpus=rt.cpus_per_task, max_retries=3)(_read)
@@ -255,9 +258,11 @@ def ray_engine(plans: list[ScenePlan], items: list[WorkItem], cfg: JobConfig, mo
             ray.cancel(ref, force=True, recursive=True)
         for a in actors:
             ray.kill(a)
-        _restore_sigterm(previous)
         if started:
             ray.shutdown()
+            _restore_sigterm(before)
+        else:
+            _restore_sigterm(previous)
 
 
 def _install_sigterm():
