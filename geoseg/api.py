@@ -134,15 +134,13 @@ def _resampled(path: str, cfg: JobConfig, card) -> str:
     """``input.resample``: a scene whose pixel size the model does not accept, as a VRT warped to the card's GSD
     (named like the scene, so its outputs keep the scene's name); other scenes as they are."""
     from geoseg.io import raster
-    from geoseg.io.contract import pixel_size_m
+    from geoseg.io.contract import gsd_ok
     from geoseg.pipeline import scene_stem
     from geoseg.region import warp_to_gsd
 
     with raster.open_raster(path, cfg.storage) as src:
         info = raster.inspect(src, path)
-    dx, dy = pixel_size_m(info)
-    lo, hi = card.accepted_gsd_m
-    if lo <= (dx * dy) ** 0.5 <= hi:
+    if gsd_ok(info, card):
         return path
     if store.is_s3(cfg.output.dir):
         import tempfile

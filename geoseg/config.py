@@ -384,10 +384,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def relative_to_file(data: Any, base: Path) -> Any:
-    """Relative local input paths in a job file are relative to the file's folder, not to where the job is
-    started (``geoseg run configs/job.yaml`` and ``cd configs; geoseg run job.yaml`` read the same scenes).
+    """Relative local input and training paths in a job file are relative to the file's folder, not to where
+    the job is started (``geoseg run configs/job.yaml`` and ``cd configs; geoseg run job.yaml`` read the same scenes).
     ``--set`` values stay relative to the working directory, like any command-line path."""
-    if not isinstance(data, dict) or not isinstance(data.get("input"), dict):
+    if not isinstance(data, dict):
+        return data
+    data = _train_relative_to(data, base)
+    if not isinstance(data.get("input"), dict):
         return data
     paths = data["input"].get("paths")
     if not isinstance(paths, list):
@@ -397,3 +400,34 @@ def relative_to_file(data: Any, base: Path) -> Any:
         for q in paths
     ]
     return {**data, "input": {**data["input"], "paths": fixed}}
+
+
+def _train_relative_to(data: dict, base: Path) -> dict:
+    """Relative local paths of ``train:`` (sources, out, checkpoint_dir), normalised, ``~`` left to expand."""
+    import os
+
+    if not isinstance(data.get("train"), dict):
+        return data
+
+    def fix(q):
+        local = isinstance(q, str) and q and "://" not in q and not q.startswith("~") and not Path(q).is_absolute()
+        return os.path.normpath(str(base / q)) if local else q
+
+    tr = dict(data["train"])
+    for key in ("out", "checkpoint_dir"):
+        if key in tr:
+            tr[key] = fix(tr[key])
+    if isinstance(tr.get("sources"), list):
+        srcs = []
+        for s in tr["sources"]:
+            if isinstance(s, dict):
+                s = dict(s)
+                if isinstance(s.get("images"), list):
+                    s["images"] = [fix(q) for q in s["images"]]
+                elif isinstance(s.get("images"), str):
+                    s["images"] = [fix(s["images"])]
+                if "labels" in s:
+                    s["labels"] = fix(s["labels"])
+            srcs.append(s)
+        tr["sources"] = srcs
+    return {**data, "train": tr}

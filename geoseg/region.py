@@ -136,14 +136,6 @@ def _same_grid(infos) -> bool:
     return True
 
 
-def _gsd_ok(info, card) -> bool:
-    from geoseg.io.contract import pixel_size_m
-
-    dx, dy = pixel_size_m(info)
-    lo, hi = card.accepted_gsd_m
-    return lo <= math.sqrt(dx * dy) <= hi
-
-
 def utm_crs_wkt(lon: float, lat: float) -> str:
     from pyproj import CRS
 
@@ -155,7 +147,9 @@ def region_grid(scenes: list[Scene], aoi: Aoi, card, halo_px: int, cfg) -> Regio
     """The region's grid (see the module docstring)."""
     infos = [s.info for s in scenes]
     stride = card.output_stride
-    if not cfg.input.resample and _same_grid(infos) and all(_gsd_ok(i, card) for i in infos) \
+    from geoseg.io.contract import gsd_ok
+
+    if not cfg.input.resample and _same_grid(infos) and all(gsd_ok(i, card) for i in infos) \
             and cfg.output.crs is None and cfg.output.resolution_m is None:
         base = infos[0]
         t = base.transform
@@ -207,11 +201,12 @@ def region_grid(scenes: list[Scene], aoi: Aoi, card, halo_px: int, cfg) -> Regio
     return RegionGrid(crs_wkt, Affine(res_units, 0, x0, 0, -res_units, y1), (rows, cols), shared=False)
 
 
-_GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
+GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
                "int32": "Int32", "float32": "Float32", "float64": "Float64"}
 
 
-def _num(v) -> str:
+def vrt_number(v) -> str:
+    """A value as VRT XML writes it (nan, or an int / float literal)."""
     return "nan" if isinstance(v, float) and math.isnan(v) else repr(float(v) if isinstance(v, float) else int(v))
 
 
@@ -283,10 +278,10 @@ def build_mosaic(scenes: list[Scene], grid: RegionGrid, card, dest: Path, rule: 
     out = [f'<VRTDataset rasterXSize="{cols}" rasterYSize="{rows}">',
            f"<SRS>{escape(grid.crs_wkt)}</SRS>", f"<GeoTransform>{gt}</GeoTransform>"]
     for i, name in enumerate(card.bands):
-        out.append(f'<VRTRasterBand dataType="{_GDAL_TYPES[dtype]}" band="{i + 1}">')
+        out.append(f'<VRTRasterBand dataType="{GDAL_TYPES[dtype]}" band="{i + 1}">')
         out.append(f"<Description>{escape(name)}</Description>")
         if nodata is not None:
-            out.append(f"<NoDataValue>{_num(nodata)}</NoDataValue>")
+            out.append(f"<NoDataValue>{vrt_number(nodata)}</NoDataValue>")
         for path, bands, (c, r, w, h), nd in sources:
             out.append("<ComplexSource>")
             out.append(f'<SourceFilename relativeToVRT="0">{escape(os.path.abspath(path))}</SourceFilename>')
@@ -294,7 +289,7 @@ def build_mosaic(scenes: list[Scene], grid: RegionGrid, card, dest: Path, rule: 
             out.append(f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>')
             out.append(f'<DstRect xOff="{c}" yOff="{r}" xSize="{w}" ySize="{h}"/>')
             if nd is not None:
-                out.append(f"<NODATA>{_num(nd)}</NODATA>")
+                out.append(f"<NODATA>{vrt_number(nd)}</NODATA>")
             out.append("</ComplexSource>")
         out.append("</VRTRasterBand>")
     out.append("</VRTDataset>")
@@ -314,6 +309,7 @@ def warp_to_gsd(path: str, card, resampling: str, dest: Path) -> str:
 
     with raster.open_raster(path) as src:
         info = raster.inspect(src, path)
+        src_bounds = src.bounds
     scene = Scene(path, info=info)
     crs = info.crs
     if crs.is_projected:
@@ -326,8 +322,7 @@ def warp_to_gsd(path: str, card, resampling: str, dest: Path) -> str:
 
     unit = CRS.from_wkt(crs_wkt).axis_info[0].unit_conversion_factor
     res = card.gsd_m / unit
-    with raster.open_raster(path) as src:
-        bounds = rasterio.warp.transform_bounds(src.crs, rasterio.crs.CRS.from_wkt(crs_wkt), *src.bounds)
+    bounds = rasterio.warp.transform_bounds(info.crs, rasterio.crs.CRS.from_wkt(crs_wkt), *src_bounds)
     step = res * card.output_stride
     x0, y1 = math.floor(bounds[0] / step) * step, math.ceil(bounds[3] / step) * step
     cols, rows = math.ceil((bounds[2] - x0) / res), math.ceil((y1 - bounds[1]) / res)

@@ -33,7 +33,7 @@ SCHEMA_ROOT = Path(os.environ.get("GEOSEG_STAC_SCHEMAS", Path(__file__).resolve(
 
 
 def _norm(name: str | None) -> str | None:
-    from geoseg.io.raster import _band_name as band_name  # one notion of band-name equality
+    from geoseg.io.raster import band_name  # one notion of band-name equality
 
     return band_name(name)
 
@@ -122,7 +122,7 @@ def _stacked(item, href_of: dict, card, vrt_dir: Path):
         crs, t, width, height, dtype, nodata = ref.crs, ref.transform, ref.width, ref.height, ref.dtypes[0], ref.nodata
     from xml.sax.saxutils import escape
 
-    from geoseg.region import _GDAL_TYPES, _num
+    from geoseg.region import GDAL_TYPES, vrt_number
 
     gt = ", ".join(repr(float(v)) for v in (t.c, t.a, 0.0, t.f, 0.0, t.e))
     parts = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{escape(crs.to_wkt())}</SRS>'
@@ -134,13 +134,13 @@ def _stacked(item, href_of: dict, card, vrt_dir: Path):
             win = rasterio.windows.from_bounds(*rasterio.transform.array_bounds(height, width, t), src.transform)
             nd = src.nodata
         gdal_path = href if "://" not in href else "/vsis3/" + href.split("://", 1)[1]
-        parts.append(f'<VRTRasterBand dataType="{_GDAL_TYPES[dtype]}" band="{i + 1}"><Description>{escape(band)}'
-                     "</Description>" + (f"<NoDataValue>{_num(nodata)}</NoDataValue>" if nodata is not None else "")
+        parts.append(f'<VRTRasterBand dataType="{GDAL_TYPES[dtype]}" band="{i + 1}"><Description>{escape(band)}'
+                     "</Description>" + (f"<NoDataValue>{vrt_number(nodata)}</NoDataValue>" if nodata is not None else "")
                      + f'<ComplexSource resampling="bilinear"><SourceFilename relativeToVRT="0">{escape(gdal_path)}'
                      f'</SourceFilename><SourceBand>1</SourceBand><SrcRect xOff="{win.col_off!r}" '
                      f'yOff="{win.row_off!r}" xSize="{win.width!r}" ySize="{win.height!r}"/><DstRect xOff="0" '
                      f'yOff="0" xSize="{width}" ySize="{height}"/>'
-                     + (f"<NODATA>{_num(nd)}</NODATA>" if nd is not None else "") + "</ComplexSource></VRTRasterBand>")
+                     + (f"<NODATA>{vrt_number(nd)}</NODATA>" if nd is not None else "") + "</ComplexSource></VRTRasterBand>")
     parts.append("</VRTDataset>")
     vrt_dir.mkdir(parents=True, exist_ok=True)
     dest = vrt_dir / f"{item.id}.vrt"

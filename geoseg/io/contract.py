@@ -29,7 +29,7 @@ from rasterio.windows import Window
 from geoseg.errors import InputError
 from geoseg.io.raster import RasterInfo, resolve_bands
 
-__all__ = ["Check", "checks", "enforce", "pixel_size_m", "sample_values"]
+__all__ = ["Check", "checks", "enforce", "pixel_size_m", "gsd_m", "gsd_ok", "sample_values"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,18 @@ def pixel_size_m(info: RasterInfo) -> tuple[float, float]:
         return float(dx), float(dy)
     factor = crs.linear_units_factor[1] if crs.is_projected else 1.0
     return abs(t.a) * factor, abs(t.e) * factor
+
+
+def gsd_m(info: RasterInfo) -> float:
+    """The pixel size in metres: the side of a square of the same area (right for non-square degree pixels)."""
+    dx, dy = pixel_size_m(info)
+    return math.sqrt(dx * dy)
+
+
+def gsd_ok(info: RasterInfo, card) -> bool:
+    """Whether the model accepts this raster's pixel size."""
+    lo, hi = card.accepted_gsd_m
+    return lo <= gsd_m(info) <= hi
 
 
 def sample_values(src, bands: list[int], scale: float = 1.0, offset: float = 0.0, max_px: int = 512) -> np.ndarray:
@@ -118,10 +130,10 @@ def _value_check(info: RasterInfo, card, values: np.ndarray, scale: float) -> Ch
 
 def _gsd_check(info: RasterInfo, card) -> Check:
     dx, dy = pixel_size_m(info)
-    gsd = math.sqrt(dx * dy)  # the side of a square of the same area: right for non-square degree pixels
+    gsd = gsd_m(info)
     lo, hi = card.accepted_gsd_m
     seen = f"pixel size {_fmt(gsd)} m ({_fmt(dx)} x {_fmt(dy)} m)"
-    if not lo <= gsd <= hi:
+    if not gsd_ok(info, card):
         ratio = gsd / card.gsd_m
         return Check("gsd", False,
                      f"{seen} is {_fmt(ratio)}x the model's {_fmt(card.gsd_m)} m (accepted: {_fmt(lo)} to "

@@ -20,7 +20,7 @@ from rasterio.windows import Window
 from geoseg.config import StorageConfig
 from geoseg.errors import InputError
 
-__all__ = ["RasterInfo", "open_raster", "inspect", "resolve_bands", "read_window", "SUPPORTED_DTYPES"]
+__all__ = ["RasterInfo", "open_raster", "inspect", "resolve_bands", "band_name", "read_window", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 
@@ -145,7 +145,7 @@ _ALIASES = {"R": "RED", "G": "GREEN", "B": "BLUE", "N": "NIR", "NIR1": "NIR", "N
             "NEAR_INFRARED": "NIR", "NEARINFRARED": "NIR"}
 
 
-def _band_name(name: str | None) -> str | None:
+def band_name(name: str | None) -> str | None:
     """A comparable band name, or None for an unnamed band (empty, or GDAL-style "Band 3")."""
     if not name or not name.strip():
         return None
@@ -182,11 +182,11 @@ def resolve_bands(info: RasterInfo, model_bands: list[str], bands: list[int] | N
         raise InputError(
             f"{info.path}: has {info.count} bands but the model needs {need} ({', '.join(model_bands)})"
         )
-    desc = [_band_name(d) for d in info.descriptions]
+    desc = [band_name(d) for d in info.descriptions]
     if any(desc):
         idx, missing = [], []
         for b in model_bands:
-            nb = _band_name(b) or b.upper()
+            nb = band_name(b) or b.upper()
             if nb in desc:
                 idx.append(desc.index(nb) + 1)
             else:

@@ -447,54 +447,11 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
     return summary
 
 
-def _resolve_train_paths(data, base: Path):
-    """Relative local paths of ``train:`` (sources, out, checkpoint_dir) are relative to the job file's folder."""
-    if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
-        return data
-
-    def fix(q):
-        return os.path.normpath(str(base / q)) if isinstance(q, str) and q and "://" not in q and not Path(q).expanduser().is_absolute() \
-            and not q.startswith("~") else q
-
-    tr = dict(data["train"])
-    for key in ("out", "checkpoint_dir"):
-        if key in tr:
-            tr[key] = fix(tr[key])
-    if isinstance(tr.get("sources"), list):
-        srcs = []
-        for s in tr["sources"]:
-            if isinstance(s, dict):
-                s = dict(s)
-                if isinstance(s.get("images"), list):
-                    s["images"] = [fix(q) for q in s["images"]]
-                elif isinstance(s.get("images"), str):
-                    s["images"] = [fix(s["images"])]
-                if "labels" in s:
-                    s["labels"] = fix(s["labels"])
-            srcs.append(s)
-        tr["sources"] = srcs
-    return {**data, "train": tr}
-
-
 def load_train_config(path: str | Path, overrides=()) -> JobConfig:
     """Read a training job file (paths in ``train:`` relative to the file), apply ``--set``, validate."""
-    import yaml
+    from geoseg.config import load_config
 
-    from geoseg.config import apply_overrides, config_from_dict
-
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read config file ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
-    data = _resolve_train_paths(data, p.parent)
-    return config_from_dict(apply_overrides(data, overrides), source=str(p))
+    return load_config(path, overrides)
 
 
 def latest_checkpoint_state(cfg: JobConfig) -> dict:
