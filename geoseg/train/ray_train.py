@@ -341,14 +341,20 @@ def _geoseg_cause(e: BaseException) -> GeosegError | None:
     return None
 
 
-def train(cfg: JobConfig, *, overwrite: bool = False) -> dict:
-    """Train on Ray Train and write the bundle to ``train.out``. Returns a summary (paths, history, card)."""
-    t = cfg.train
+def _bundle_dir(t, overwrite: bool) -> Path:
+    """``train.out``, refused when unset or when it holds files and ``overwrite`` is off."""
     if not t.out:
         raise ConfigError("train.out is not set: the directory where the model bundle is written")
     out = Path(t.out).expanduser()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out}: bundle directory exists and is not empty; pass --overwrite or another train.out")
+    return out
+
+
+def train(cfg: JobConfig, *, overwrite: bool = False) -> dict:
+    """Train on Ray Train and write the bundle to ``train.out``. Returns a summary (paths, history, card)."""
+    t = cfg.train
+    out = _bundle_dir(t, overwrite)
     t0 = time.monotonic()
     plan = prepare_plan(cfg)
     log.info("training data: %d scenes, %d train regions, %d val regions, %d val chips, %d train chips/epoch",
@@ -468,11 +474,7 @@ def latest_checkpoint_state(cfg: JobConfig) -> dict:
 def bundle_from_checkpoint(cfg: JobConfig, *, overwrite: bool = False) -> dict:
     """Write the bundle from the best weights of the run's last checkpoint, without training more."""
     t = cfg.train
-    if not t.out:
-        raise ConfigError("train.out is not set: the directory where the model bundle is written")
-    out = Path(t.out).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out}: bundle directory exists and is not empty; pass --overwrite or another train.out")
+    out = _bundle_dir(t, overwrite)
     t0 = time.monotonic()
     state = latest_checkpoint_state(cfg)
     plan = prepare_plan(cfg)
