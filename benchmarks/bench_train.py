@@ -4,7 +4,7 @@
 
 Trains the buildings setup (real chips from ../shared/data/buildings, 256 px, the U-Net of
 configs/train_buildings.yaml unless --base says otherwise) for two short epochs per worker count through the
-real driver (``geoseg.train.ray_train.train``: Ray Train, DDP, gloo on CPU) and prints the second epoch's
+real driver (``geoseg.engines.ray_train.train``: Ray Train, DDP, gloo on CPU) and prints the second epoch's
 aggregate training throughput (chips/s over all workers; the first epoch pays for reading and caching the
 chips). On CPU the machine's cores are split between the workers (torch threads = cores / workers), so the
 ratio says what data parallelism buys on one box; on GPUs (--gpu) each worker gets one GPU and mixed precision.
@@ -35,7 +35,8 @@ def main() -> None:
 
     import torch
 
-    from geoseg.train.ray_train import load_train_config, train
+    from geoseg.engines.ray_train import train
+    from geoseg.train.driver import load_train_config
 
     cores = os.cpu_count() or 1
     results = {}

@@ -1,7 +1,7 @@
 """The job driver: validate everything first, then stream blocks through an engine into one writer per scene.
 
 An engine maps ``process_item`` over work items and yields results in any order. ``local`` runs them in this
-process (the reference used by tests); ``ray`` (``geoseg.runner``) runs them on a local or remote Ray cluster.
+process (the reference used by tests); ``ray`` (``geoseg.engines.ray``) runs them on a local or remote Ray cluster.
 Both call the same stage functions, so their outputs are identical.
 """
 
@@ -253,7 +253,7 @@ def run(
     if engine == "local":
         results = _local_engine(plans, items, cfg, model)
     elif engine == "ray":
-        from geoseg.runner import ray_engine
+        from geoseg.engines.ray import ray_engine
 
         results = ray_engine(plans, items, cfg, model)
     else:

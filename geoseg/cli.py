@@ -245,7 +245,8 @@ def train(config: str, overrides: tuple[str, ...], overwrite: bool, from_checkpo
     """Train a model on Ray Train from CONFIG (YAML with a train: section); writes a model bundle.
 
     Rerunning an interrupted run resumes from its last checkpoint (train.checkpoint_dir, default OUT.ckpt)."""
-    from geoseg.train.ray_train import bundle_from_checkpoint, load_train_config, train as train_model
+    from geoseg.engines.ray_train import train as train_model
+    from geoseg.train.driver import bundle_from_checkpoint, load_train_config
 
     try:
         cfg = load_train_config(config, overrides)

@@ -159,6 +159,9 @@ class OutputConfig(_Section):
     resolution_m: float | None = Field(
         None, gt=0, description="region maps: output pixel size when warping, metres (default: the model's GSD)"
     )
+    shared_filesystem: bool = Field(
+        False, description="a local output.dir is the same shared volume on every node of a multi-node cluster"
+    )
 
     @field_validator("cog_blocksize_px")
     @classmethod

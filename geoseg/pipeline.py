@@ -197,6 +197,7 @@ class BlockResult:
     polygons: Any = None
     error: str | None = None
     from_resume: bool = False
+    node: str | None = None  # the Ray node that ran the model on it (None: this process)
 
 
 def postprocess_block(plan: ScenePlan, block: Block, result: BlockResult, vector_cfg=None) -> BlockResult:
@@ -374,6 +375,9 @@ class SceneWriter:
         self.stats["tiles_inferred"] += result.tiles_inferred
         self.stats["tiles_skipped_nodata"] += result.tiles_skipped
         self.stats["model_calls"] += result.model_calls
+        if result.node is not None:
+            by_node = self.stats.setdefault("blocks_by_node", {})
+            by_node[result.node] = by_node.get(result.node, 0) + 1
         self.mask_writer.write_block(block.window, result.mask)
         if self.vectors is not None and self.plan.sieve_px <= 1:
             self.vectors.add(result.polygons)

@@ -37,7 +37,8 @@ def main(chip: str, tmp: str) -> None:
 
     try:
         (rec,) = predict([chip], str(tmp_path / "ray"), loaded_model=model, on_result=on_result, overrides=[
-            "runtime.engine=ray", "runtime.workers=1", "runtime.num_gpus_per_worker=1", *sets])
+            "runtime.engine=ray", "runtime.workers=1", "runtime.num_gpus_per_worker=1",
+            "output.shared_filesystem=true", *sets])  # every node of this test cluster is this machine
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import geoseg.api as api
-import geoseg.runner as runner
+import geoseg.engines.ray as runner
 from geoseg.api import predict
 from geoseg.config import JobConfig
 

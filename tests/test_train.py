@@ -25,7 +25,7 @@ from geoseg.config import config_from_dict
 from geoseg.errors import ConfigError, InputError
 from geoseg.train.augment import augment
 from geoseg.train.data import IGNORE, band_stats, index_sources, load_labels, read_image, split_scenes
-from geoseg.train.ray_train import epoch_chips, prepare_plan
+from geoseg.train.driver import epoch_chips, prepare_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = [{"id": 0, "name": "background", "color": "#000000"}, {"id": 1, "name": "building", "color": "#FF0000"}]

@@ -1,6 +1,6 @@
 """The training loop's pieces, without Ray: chip store, dataset, model, loss, one epoch, validation.
 
-``geoseg.train.ray_train`` runs these inside Ray Train workers (DDP); tests run them in-process.
+``geoseg.engines.ray_train`` runs these inside Ray Train workers (DDP); tests run them in-process.
 """
 
 from __future__ import annotations

@@ -123,6 +123,22 @@ def _check_resources(cfg: JobConfig, gpus: float) -> None:
         time.sleep(min(2.0, max(0.0, wait_s - (time.monotonic() - t0))))
 
 
+def _check_output_location(cfg: JobConfig) -> None:
+    """Block records and outputs of a local ``output.dir`` must be one directory for every node: refuse a
+    multi-node cluster unless the operator says it is a shared volume (S3 outputs always work)."""
+    from geoseg.io import store
+
+    if store.is_s3(cfg.output.dir) or cfg.output.shared_filesystem:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise ConfigError(
+            f"output.dir {cfg.output.dir!r} is a local path and the Ray cluster has {len(nodes)} nodes, so "
+            "blocks finished on other nodes would land on their own disks; write to s3://... or, if that path "
+            "is one shared volume mounted on every node, set output.shared_filesystem=true"
+        )
+
+
 @ray.remote
 class InferenceActor:
     """Holds one model on its device (loaded once) and predicts whole blocks, tiles batched."""
@@ -155,7 +171,7 @@ class InferenceActor:
         except Exception as e:
             return BlockResult(plan.index, block.id, row, col, None, error=_failure(plan, block, e))
         return BlockResult(plan.index, block.id, row, col, pred.mask, pred.tiles_inferred, pred.tiles_skipped,
-                           pred.model_calls)
+                           pred.model_calls, node=ray.get_runtime_context().get_node_id())
 
 
 def _read(plan: ScenePlan, row: int, col: int):
@@ -205,6 +221,7 @@ def ray_engine(plans: list[ScenePlan], items: list[WorkItem], cfg: JobConfig, mo
     load: dict[int, int] = {}
     previous = _install_sigterm()
     try:
+        _check_output_location(cfg)
         need_model = any(not it.resume for it in items)
         if need_model:
             gpus = _gpus_per_worker(cfg)

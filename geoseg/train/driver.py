@@ -1,10 +1,10 @@
-"""``geoseg train``: the driver (plan, Ray Train, bundle) and the per-worker training loop.
+"""``geoseg train`` without Ray: the plan, the epoch's chips per worker, and the bundle from a checkpoint.
 
 The driver validates every input and computes everything global (split, chip lists, normalisation
 statistics) before Ray starts, so a bad file fails in seconds with one clear error. Workers (Ray Train's
 ``TorchTrainer``, DDP; gloo on CPU, NCCL on GPU) each take their shard of every epoch's chips, report
 metrics and a checkpoint per epoch through Ray Train, and resume from the last checkpoint when the same run
-(same ``checkpoint_dir``) starts again. Ray is imported inside functions only.
+(same ``checkpoint_dir``) starts again. Ray Train itself runs in ``geoseg.engines.ray_train``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,9 +21,8 @@ import numpy as np
 import torch
 
 from geoseg.config import JobConfig
-from geoseg.errors import ConfigError, GeosegError, InputError, ModelError
+from geoseg.errors import ConfigError, InputError
 from geoseg.train.data import (
-    IGNORE,
     Chip,
     balanced_weights,
     band_summary,
@@ -41,7 +37,8 @@ from geoseg.train.data import (
 
 log = logging.getLogger("geoseg")
 
-__all__ = ["prepare_plan", "epoch_chips", "train", "worker_loop", "RUN_NAME"]
+__all__ = ["prepare_plan", "epoch_chips", "shard", "finish_bundle", "bundle_from_checkpoint", "bundle_dir",
+           "checkpoint_root", "latest_checkpoint_state", "load_train_config", "RUN_NAME", "STATE_FILE"]
 
 RUN_NAME = "geoseg-train"
 STATE_FILE = "state.pt"
@@ -170,7 +167,7 @@ def epoch_chips(plan: dict, epoch: int) -> list[Chip]:
     return [plan["candidates"][i] for i in idx]
 
 
-def _shard(chips: list, rank: int, world: int, batch: int) -> list:
+def shard(chips: list, rank: int, world: int, batch: int) -> list:
     """Rank's share: every world-th chip, cut so every rank runs the same number of full steps."""
     steps = max(1, len(chips) // (world * batch))
     mine = chips[rank::world]
@@ -179,169 +176,14 @@ def _shard(chips: list, rank: int, world: int, batch: int) -> list:
     return mine[: steps * batch]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# the worker
 
-
-def worker_loop(config: dict) -> None:
-    """Ray Train's ``train_loop_per_worker``: DDP training with per-epoch validation, checkpoints, early stop."""
-    import ray.train
-    import ray.train.torch
-    from tqdm import tqdm
-
-    from geoseg.config import TrainConfig
-    from geoseg.train.loop import ChipDataset, ChipStore, build_module, cosine_with_warmup, iou_from_confusion
-    from geoseg.train.loop import run_epoch, validate
-
-    plan = config["plan"]
-    t = TrainConfig.model_validate(plan["train"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(config["threads"])
-    torch.manual_seed(t.seed)
-    k = len(plan["class_ids"])
-    in_ch = len(plan["band_names"])
-    module = build_module(t.architecture, t.arch_params, in_ch, k)
-    module = ray.train.torch.prepare_model(module)
-    opt = torch.optim.AdamW(module.parameters(), lr=t.lr * (world if device.type == "cuda" else 1),
-                            weight_decay=t.weight_decay)
-    n0 = len(epoch_chips(plan, 0))
-    steps_per_epoch = max(1, n0 // (world * t.batch_size))
-    if t.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, cosine_with_warmup(steps_per_epoch * t.epochs, int(t.warmup_epochs * steps_per_epoch)))
-    amp_dtype, scaler = None, None
-    if device.type == "cuda" and t.amp:
-        if torch.cuda.is_bf16_supported():
-            amp_dtype = torch.bfloat16
-        else:
-            amp_dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
-    start, best, bad, history, best_state = 0, -1.0, 0, [], None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            st = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-        if st["fingerprint"] != plan["fingerprint"]:
-            raise ConfigError(
-                f"{t.checkpoint_dir or t.out}: the checkpoint to resume is from another model/class/band setup; "
-                "set train.resume=false (start over) or another train.checkpoint_dir"
-            )
-        _unwrap(module).load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        if scaler is not None and st.get("scaler"):
-            scaler.load_state_dict(st["scaler"])
-        start, best, bad, history, best_state = st["epoch"] + 1, st["best"], st["bad"], st["history"], st["best_state"]
-        if rank == 0:
-            _say(f"resumed from checkpoint after epoch {st['epoch'] + 1} (best val mIoU {best:.4f})")
-    store = ChipStore(plan["scenes"], plan["class_ids"], plan["class_names"])
-    val_ds = ChipDataset(store, plan["val_chips"][rank::world], plan["mean"], plan["std"])
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=t.batch_size)
-    names = [c.name for c in t.classes]
-    stopped = bad >= t.early_stopping_patience
-    for epoch in range(start, t.epochs):
-        if stopped:
-            break
-        chips = _shard(epoch_chips(plan, epoch), rank, world, t.batch_size)
-        ds = ChipDataset(store, chips, plan["mean"], plan["std"], aug=t.augment, seed=t.seed * 1_000_003 + epoch)
-        loader = torch.utils.data.DataLoader(ds, batch_size=t.batch_size, shuffle=False, drop_last=True)
-        bar = None
-        if rank == 0:
-            bar = tqdm(total=min(len(loader), steps_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}", ascii=True,
-                       file=sys.stdout, mininterval=15, dynamic_ncols=False, ncols=100)
-        r = run_epoch(module, loader, opt, sched, device, t.loss, scaler, amp_dtype, steps_per_epoch, bar)
-        if bar is not None:
-            bar.close()
-        t_val = time.monotonic()
-        cm = validate(module, val_loader, k, device, amp_dtype)
-        cm_t = torch.from_numpy(cm).to(device)
-        stats = torch.tensor([r["loss"] * r["chips"], r["chips"], r["seconds"]], dtype=torch.float64, device=device)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(cm_t)
-            dist.all_reduce(stats)
-        cm = cm_t.cpu().numpy()
-        iou = iou_from_confusion(cm)
-        miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
-        loss = float(stats[0] / max(stats[1], 1))
-        seconds = float(stats[2]) / world + (time.monotonic() - t_val)
-        improved = miou > best + 1e-6
-        if improved:
-            best, bad = miou, 0
-            best_state = {kk: v.detach().cpu().clone() for kk, v in _unwrap(module).state_dict().items()}
-        else:
-            bad += 1
-        rec = {"epoch": epoch + 1, "loss": round(loss, 5), "val_miou": round(miou, 5),
-               "val_iou": {n: (None if not np.isfinite(v) else round(float(v), 5)) for n, v in zip(names, iou)},
-               "seconds": round(seconds, 2), "chips": int(stats[1]),
-               "chips_per_s": round(float(stats[1]) / max(float(stats[2]) / world, 1e-9), 3)}
-        history.append(rec)
-        stopped = bad >= t.early_stopping_patience
-        if rank == 0:
-            per = " ".join(f"{n} {v:.3f}" for n, v in zip(names, iou) if np.isfinite(v))
-            _say(f"epoch {epoch + 1}/{t.epochs}  loss {loss:.4f}  val mIoU {miou:.4f} ({per})  "
-                 f"{seconds:.1f} s  {rec['chips_per_s']:.2f} chips/s" + ("  *best" if improved else "")
-                 + ("  early stop" if stopped else ""))
-        metrics = {"epoch": epoch + 1, "loss": loss, "val_miou": miou, "best_val_miou": best,
-                   "stopped": stopped, "chips_per_s": rec["chips_per_s"]}
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                torch.save({
-                    "fingerprint": plan["fingerprint"], "epoch": epoch, "best": best, "bad": bad,
-                    "history": history, "model": _unwrap(module).state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                    "best_state": best_state, "confusion": cm,
-                }, os.path.join(tmp, STATE_FILE))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def _say(line: str) -> None:
-    """One line to the driver's console (Ray Train's patched print would log it twice)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def _unwrap(module):
-    return module.module if hasattr(module, "module") and isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the driver
-
-
-def _storage(t) -> Path:
+def checkpoint_root(t) -> Path:
     if t.checkpoint_dir:
         return Path(t.checkpoint_dir).expanduser().resolve()
     return Path(str(Path(t.out).expanduser().resolve()) + ".ckpt")
 
 
-def _geoseg_cause(e: BaseException) -> GeosegError | None:
-    seen = set()
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, GeosegError):
-            return x
-        stack.extend([x.__cause__, x.__context__, getattr(x, "cause", None)])
-        for attr in ("worker_failures", "errors"):
-            v = getattr(x, attr, None)
-            if isinstance(v, dict):
-                stack.extend(v.values())
-            elif isinstance(v, (list, tuple)):
-                stack.extend(v)
-    return None
-
-
-def _bundle_dir(t, overwrite: bool) -> Path:
+def bundle_dir(t, overwrite: bool) -> Path:
     """``train.out``, refused when unset or when it holds files and ``overwrite`` is off."""
     if not t.out:
         raise ConfigError("train.out is not set: the directory where the model bundle is written")
@@ -349,59 +191,6 @@ def _bundle_dir(t, overwrite: bool) -> Path:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out}: bundle directory exists and is not empty; pass --overwrite or another train.out")
     return out
-
-
-def train(cfg: JobConfig, *, overwrite: bool = False) -> dict:
-    """Train on Ray Train and write the bundle to ``train.out``. Returns a summary (paths, history, card)."""
-    t = cfg.train
-    out = _bundle_dir(t, overwrite)
-    t0 = time.monotonic()
-    plan = prepare_plan(cfg)
-    log.info("training data: %d scenes, %d train regions, %d val regions, %d val chips, %d train chips/epoch",
-             len(plan["scenes"]), len(plan["regions_train"]), len(plan["regions_val"]), len(plan["val_chips"]),
-             len(epoch_chips(plan, 0)))
-    storage = _storage(t)
-    run_dir = storage / RUN_NAME
-    if run_dir.exists() and not t.resume:
-        shutil.rmtree(run_dir)
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from geoseg.runner import init_ray
-
-    started = init_ray(cfg)
-    try:
-        use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-        cpus = ray.cluster_resources().get("CPU", 1)
-        threads = t.torch_threads or max(1, int(min(cpus, os.cpu_count() or 1)) // t.num_workers)
-        trainer = TorchTrainer(
-            worker_loop,
-            train_loop_config={"plan": plan, "threads": threads},
-            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker=None if use_gpu else {"CPU": 1}),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(
-                name=RUN_NAME, storage_path=str(storage),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-                failure_config=FailureConfig(max_failures=1),
-            ),
-        )
-        try:
-            result = trainer.fit()
-        except Exception as e:  # Ray wraps worker errors; surface ours unchanged
-            cause = _geoseg_cause(e)
-            if cause is not None:
-                raise type(cause)(str(cause)) from None
-            raise ModelError(f"{storage}: training failed: {e}") from None
-        if result.checkpoint is None:
-            raise ModelError(f"{storage}: training ended without a checkpoint")
-        with result.checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-    finally:
-        if started:
-            ray.shutdown()
-    return finish_bundle(cfg, plan, state, out, time.monotonic() - t0)
 
 
 def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: float) -> dict:
@@ -462,7 +251,7 @@ def load_train_config(path: str | Path, overrides=()) -> JobConfig:
 
 def latest_checkpoint_state(cfg: JobConfig) -> dict:
     """The training state of the run's last checkpoint registered by Ray Train (read without Ray)."""
-    run_dir = _storage(cfg.train) / RUN_NAME
+    run_dir = checkpoint_root(cfg.train) / RUN_NAME
     snap = run_dir / "checkpoint_manager_snapshot.json"
     try:
         latest = json.loads(snap.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
@@ -474,10 +263,10 @@ def latest_checkpoint_state(cfg: JobConfig) -> dict:
 def bundle_from_checkpoint(cfg: JobConfig, *, overwrite: bool = False) -> dict:
     """Write the bundle from the best weights of the run's last checkpoint, without training more."""
     t = cfg.train
-    out = _bundle_dir(t, overwrite)
+    out = bundle_dir(t, overwrite)
     t0 = time.monotonic()
     state = latest_checkpoint_state(cfg)
     plan = prepare_plan(cfg)
     if state["fingerprint"] != plan["fingerprint"]:
-        raise ConfigError(f"{_storage(t)}: the checkpoint is from another model/class/band setup than {t.name!r}")
+        raise ConfigError(f"{checkpoint_root(t)}: the checkpoint is from another model/class/band setup than {t.name!r}")
     return finish_bundle(cfg, plan, state, out, time.monotonic() - t0)
