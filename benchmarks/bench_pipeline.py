@@ -122,7 +122,8 @@ def model_only_seconds(src: Path, block_px: int, tile_px: int, threads: int) -> 
     from geoseg.config import config_from_dict
     from geoseg.infer import Predictor
     from geoseg.models import load_model
-    from geoseg.pipeline import plan_scene, read_block
+    from geoseg.blocks import read_block
+    from geoseg.plan import plan_scene
 
     torch.set_num_threads(threads)
     model = load_model("dynamic-world")

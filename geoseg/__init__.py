@@ -5,7 +5,7 @@ Public API: the job config, ``run`` / ``predict``, ``load_model``, and the error
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from geoseg.conventions import VERSION as __version__
 
 from geoseg.config import JobConfig, load_config  # noqa: E402
 from geoseg.errors import (  # noqa: E402
@@ -44,13 +44,13 @@ def load_model(name_or_path: str):
 
 def run(cfg: JobConfig, **kwargs):
     """Run a configured job; returns one run record (dict) per scene."""
-    from geoseg.api import run as _run
+    from geoseg.driver import run as _run
 
     return _run(cfg, **kwargs)
 
 
 def predict(inputs, out_dir: str, model: str = "dynamic-world", overrides=(), **kwargs):
     """Build a job from arguments (like ``geoseg predict``) and run it."""
-    from geoseg.api import predict as _predict
+    from geoseg.driver import predict as _predict
 
     return _predict(inputs, out_dir, model=model, overrides=overrides, **kwargs)

@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from geoseg.errors import EXIT_INTERRUPTED, GeosegError, exit_code
+from geoseg.errors import EXIT_INTERRUPTED, GeosegError, InputError, exit_code
 
 _set = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -98,7 +98,7 @@ def main(verbose: int, debug: bool) -> None:
 @_overwrite
 def run(config: str, overrides: tuple[str, ...], overwrite: bool) -> None:
     """Run the job described by CONFIG (YAML)."""
-    from geoseg.api import run as run_job
+    from geoseg.driver import run as run_job
     from geoseg.config import load_config
 
     try:
@@ -116,7 +116,7 @@ def run(config: str, overrides: tuple[str, ...], overwrite: bool) -> None:
 @_overwrite
 def predict(inputs: tuple[str, ...], model: str, out: str, overrides: tuple[str, ...], overwrite: bool) -> None:
     """Segment INPUTS (rasters, globs or s3:// prefixes) with a model into OUT/<scene>/."""
-    from geoseg.api import predict as predict_job
+    from geoseg.driver import predict as predict_job
 
     try:
         _report(predict_job(list(inputs), out, model=model,
@@ -140,7 +140,7 @@ def predict(inputs: tuple[str, ...], model: str, out: str, overrides: tuple[str,
 @_overwrite
 def map_cmd(scenes, aoi, aoi_crs, stac, name, model, config, out, overrides, overwrite) -> None:
     """Map an area of interest across SCENES (one region grid, one set of outputs in OUT/<name>/)."""
-    from geoseg.region import map_region
+    from geoseg.driver import map_region
 
     sets = (f"input.aoi_crs={aoi_crs}",) + overrides + (_OVERWRITE_SETS if overwrite else ())
     try:
@@ -330,17 +330,85 @@ def eval_cmd(paths, model, images, labels, out, object_classes, label_map, class
              overrides):
     """Score a prediction mask PRED against LABELS (raster, GeoJSON, GPKG, GeoParquet), or with --model
     predict --images and score them against --labels together. Labels are put on the prediction's grid."""
-    from geoseg.evaluate import run_eval
-
+    score = dict(out=out, object_classes=object_classes, label_map=label_map, class_column=class_column,
+                 min_object_px=min_object_px)
     try:
-        report = run_eval(paths, model=model, images=images, labels=labels, out=out,
-                          object_classes=object_classes, label_map=label_map, class_column=class_column,
-                          pred_dir=pred_dir, overrides=overrides, min_object_px=min_object_px)
+        if model:
+            from geoseg.driver import evaluate_model
+
+            if paths:
+                raise InputError("give either PRED LABELS, or --model with --images and --labels (not both)")
+            report = evaluate_model(model, images, labels, pred_dir=pred_dir, overrides=overrides, **score)
+        else:
+            from geoseg.evaluate import run_eval
+
+            report = run_eval(paths, **score)
     except GeosegError as e:
         _fail(e)
     from geoseg.evaluate import format_markdown
 
     click.echo(format_markdown(report), nl=False)
+
+
+@main.command("export-coco")
+@click.argument("source")
+@click.option("--images", "images", multiple=True,
+              help="the input rasters (paths or globs, repeatable; default: the scene's input in run.json)")
+@click.option("--chip-px", default=512, show_default=True, help="chip side in pixels")
+@click.option("--out", "out", required=True, help="output directory (local or s3://)")
+@click.option("--classes", default=None, help="object classes (names or ids), e.g. building; default: all but "
+              "background / nodata")
+@click.option("--format", "fmt", type=click.Choice(["png", "jpeg"]), default="png", show_default=True,
+              help="chip image format")
+@click.option("--rgb-bands", default=None, help="1-based bands shown as red,green,blue (default: by band name)")
+@click.option("--overwrite", is_flag=True, help="replace an existing export in OUT")
+@_set
+def export_coco_cmd(source, images, chip_px, out, classes, fmt, rgb_bands, overwrite, overrides) -> None:
+    """Cut SOURCE (a finished run's scene directory or a mask GeoTIFF, local or s3://) into image chips, each with
+    a georeference sidecar, and write a COCO JSON of its objects for annotation tools. --set keys are storage.*."""
+    from geoseg.coco import export_coco
+    from geoseg.config import apply_overrides, config_from_dict
+    from geoseg.errors import InputError as _InputError
+
+    try:
+        cfg = config_from_dict(apply_overrides({}, overrides), source="--set")
+        try:
+            bands = [int(b) for b in rgb_bands.split(",")] if rgb_bands else None
+        except ValueError:
+            raise _InputError(f"--rgb-bands {rgb_bands!r}: give 1-based band numbers, e.g. 4,3,2") from None
+        res = export_coco(source, list(images) or None, out_dir=out, chip_px=chip_px, fmt=fmt, rgb_bands=bands,
+                          classes=classes.split(",") if classes else None, overwrite=overwrite, storage=cfg.storage)
+    except GeosegError as e:
+        _fail(e)
+    click.echo(res.coco)
+    click.echo(f"{res.images} chips ({res.skipped_chips} without valid pixels skipped), {res.annotations} "
+               f"annotations of {', '.join(c['name'] for c in res.categories)}, {res.seconds:.2f} s", err=True)
+
+
+@main.command("import-labels")
+@click.argument("labels")
+@click.option("--georef-from", "georef_from", required=True,
+              help="the export-coco directory (its georef/ sidecars place each chip)")
+@click.option("--out", "out", required=True, help="label polygons: .gpkg, .parquet or .geojson (local or s3://)")
+@click.option("--model", "model", default=None, help="check classes against this model (default: the sidecars')")
+@click.option("--no-chip-extents", is_flag=True, help="do not add each chip's footprint as background")
+@click.option("--overwrite", is_flag=True, help="replace an existing output file")
+@_set
+def import_labels_cmd(labels, georef_from, out, model, no_chip_extents, overwrite, overrides) -> None:
+    """Turn corrected annotations of exported chips (COCO JSON, or GeoJSON in chip pixels from Label Studio / CVAT)
+    into georeferenced label polygons for geoseg train. --set keys are storage.* settings."""
+    from geoseg.config import apply_overrides, config_from_dict
+    from geoseg.labels_import import import_labels
+
+    try:
+        cfg = config_from_dict(apply_overrides({}, overrides), source="--set")
+        res = import_labels(labels, georef_from, out, model=model, chip_extents=not no_chip_extents,
+                            overwrite=overwrite, storage=cfg.storage)
+    except GeosegError as e:
+        _fail(e)
+    click.echo(res.out)
+    click.echo(f"{res.labels} label polygons on {res.chips} chips in {res.crs}; train with kind: polygons, "
+               "class_column: class_id", err=True)
 
 
 def entry() -> None:

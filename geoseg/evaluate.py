@@ -375,64 +375,49 @@ def _parse_label_map(text: str | None) -> dict[int, int]:
     return out
 
 
-def _stem(path: str) -> str:
-    from geoseg.train.data import _stem as stem
-
-    return stem(path)
-
-
-def run_eval(paths=(), *, model: str | None = None, images=(), labels: str | None = None, out: str | None = None,
-             object_classes=(), label_map: str | None = None, class_column: str | None = None,
-             pred_dir: str | None = None, overrides=(), min_object_px: int = 1) -> dict:
-    """``geoseg eval`` as a function (see the CLI help)."""
+def expand_images(images) -> list[str]:
+    """``--images`` paths or globs, in order; a pattern that matches nothing is an error."""
     import glob
-    import tempfile
 
+    files = []
+    for pat in images:
+        hits = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
+        if not hits:
+            raise InputError(f"{pat}: no images match")
+        files.extend(hits)
+    return files
+
+
+def score_predictions(files: list[str], pred_dir: str, labels: str, card, *, object_classes=(),
+                      label_map: str | None = None, class_column: str | None = None, min_object_px: int = 1) -> dict:
+    """Score the masks a predict run wrote for ``files`` into ``pred_dir`` against ``labels`` (a file or a
+    ``{stem}`` template); the model half of ``geoseg eval --model`` (``geoseg.driver.evaluate_model``)."""
+    from geoseg.plan import scene_stem
+
+    pairs = [(os.path.join(pred_dir, scene_stem(f), "mask.tif"), labels.replace("{stem}", scene_stem(f)))
+             for f in files]
+    objs = list(object_classes) or ([1] if len(card.class_names) == 2 else [])
+    report = evaluate_files(pairs, class_names=card.class_names, object_classes=objs,
+                            label_map=_parse_label_map(label_map), class_column=class_column,
+                            min_object_px=min_object_px)
+    report["model"] = {"name": card.name, "version": card.version}
+    return report
+
+
+def run_eval(paths=(), *, out: str | None = None, object_classes=(), label_map: str | None = None,
+             class_column: str | None = None, min_object_px: int = 1) -> dict:
+    """``geoseg eval PRED LABELS`` as a function (see the CLI help; ``--model`` is ``driver.evaluate_model``)."""
     lut = _parse_label_map(label_map)
-    names = None
-    if model:
-        if paths:
-            raise InputError("give either PRED LABELS, or --model with --images and --labels (not both)")
-        if not images or not labels:
-            raise InputError("--model needs --images (paths or globs) and --labels (file or {stem} template)")
-        from geoseg.api import predict
-        from geoseg.models import load_model
-
-        card = load_model(model).card
-        names = card.class_names
-        files = []
-        for pat in images:
-            hits = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
-            if not hits:
-                raise InputError(f"{pat}: no images match")
-            files.extend(hits)
-        tmp = None
-        if pred_dir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="geoseg-eval-")
-            pred_dir = tmp.name
-        try:
-            predict(files, pred_dir, model=model,
-                    overrides=("vector.enabled=false", "output.overwrite=true") + tuple(overrides))
-            pairs = [(os.path.join(pred_dir, _stem(f), "mask.tif"), labels.replace("{stem}", _stem(f)))
-                     for f in files]
-            objs = list(object_classes) or ([1] if len(names) == 2 else [])
-            report = evaluate_files(pairs, class_names=names, object_classes=objs, label_map=lut,
-                                    class_column=class_column, min_object_px=min_object_px)
-        finally:
-            if tmp is not None:
-                tmp.cleanup()
-        report["model"] = {"name": card.name, "version": card.version, "source": str(model)}
-    else:
-        if len(paths) != 2:
-            raise InputError(f"geoseg eval takes PRED LABELS (2 paths), got {len(paths)}: {list(paths)}")
-        pred, lab = paths
-        objs = list(object_classes)
-        if not objs:
-            _, _, tag_names = _read_mask(pred)
-            if tag_names is not None and len(tag_names) == 2:
-                objs = [1]
-        report = evaluate_files([(pred, lab)], object_classes=objs, label_map=lut, class_column=class_column,
-                                min_object_px=min_object_px)
+    if len(paths) != 2:
+        raise InputError(f"geoseg eval takes PRED LABELS (2 paths), got {len(paths)}: {list(paths)}")
+    pred, lab = paths
+    objs = list(object_classes)
+    if not objs:
+        _, _, tag_names = _read_mask(pred)
+        if tag_names is not None and len(tag_names) == 2:
+            objs = [1]
+    report = evaluate_files([(pred, lab)], object_classes=objs, label_map=lut, class_column=class_column,
+                            min_object_px=min_object_px)
     if out:
         write_report(report, out)
     return report

@@ -1,8 +1,9 @@
 """Region maps: an area of interest across many scenes, as one grid, mapped like one scene.
 
-``map_region`` takes scenes (files, or STAC items through ``geoseg.stac``) and an AOI, chooses a region grid,
-builds one virtual mosaic (a GDAL VRT) of the scenes on that grid, and runs the ordinary job on it with the AOI
-set, so blocks, seams, resume, outputs and run records are exactly those of one scene:
+``geoseg.driver.map_region`` takes scenes (files, or STAC items through ``geoseg.stac``) and an AOI, chooses a
+region grid, builds one virtual mosaic (a GDAL VRT) of the scenes on that grid with the functions here, and
+runs the ordinary job on it with the AOI set, so blocks, seams, resume, outputs and run records are exactly
+those of one scene:
 
 - Region grid (``region_grid``): when every scene shares one pixel grid (same CRS, same pixel size, origins
   on whole pixels) whose GSD the model accepts, the region is a window of that grid: no resampling at all.
@@ -15,7 +16,7 @@ set, so blocks, seams, resume, outputs and run records are exactly those of one 
   lowest cloud score (from STAC). GDAL draws a VRT's later sources over earlier ones except where they are
   nodata, so sources are listed in reverse priority.
 - AOI (``read_aoi``): a polygon file (GeoJSON, GPKG, GeoParquet; features united) or a bbox in any CRS. The
-  job applies it (``geoseg.pipeline``): blocks that do not touch it are never read, pixels outside are
+  job applies it (``geoseg.plan``): blocks that do not touch it are never read, pixels outside are
   nodata, so polygons end at the AOI's pixels.
 
 Everything here runs in the driver; workers read the mosaic VRT like any raster.
@@ -35,7 +36,7 @@ from affine import Affine
 
 from geoseg.errors import ConfigError, InputError
 
-__all__ = ["Aoi", "Scene", "RegionGrid", "read_aoi", "region_grid", "build_mosaic", "map_region", "warp_to_gsd"]
+__all__ = ["Aoi", "Scene", "RegionGrid", "read_aoi", "region_grid", "build_mosaic", "warp_to_gsd"]
 
 
 @dataclass(frozen=True)
@@ -329,71 +330,3 @@ def warp_to_gsd(path: str, card, resampling: str, dest: Path) -> str:
     grid = RegionGrid(crs_wkt, Affine(res, 0, x0, 0, -res, y1), (rows, cols), shared=False)
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     return _warped_vrt(scene, grid, resampling, Path(dest))
-
-
-def map_region(scene_paths: list[str], aoi_spec: str, out_dir: str, *, model: str | None = None,
-               stac: str | None = None, name: str | None = None, overrides=(), loaded_model=None, engine=None,
-               config: str | None = None):
-    """``geoseg map``: map the AOI across ``scene_paths`` (or the STAC items in ``stac``) into
-    ``out_dir/<name>/``, with the settings of the job file ``config`` if given. Returns the region's run
-    record."""
-    import copy
-
-    import yaml
-
-    from geoseg.api import run
-    from geoseg.config import relative_to_file, apply_overrides, config_from_dict
-    from geoseg.io import raster, store
-    from geoseg.models import load_model
-
-    data: dict = {}
-    if config:
-        try:
-            data = relative_to_file(yaml.safe_load(Path(config).read_text()) or {}, Path(config).parent)
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{config}: cannot read the job file ({str(e).splitlines()[0]})") from None
-    data = copy.deepcopy(data)
-    if model:
-        data.setdefault("model", {})["name"] = model
-    data.setdefault("output", {})["dir"] = out_dir
-    data.setdefault("input", {})["aoi"] = aoi_spec
-    base = apply_overrides(data, overrides)
-    cfg = config_from_dict(base, source="map arguments")
-    gm = loaded_model or load_model(cfg.model.name)
-    card = gm.card
-    aoi = read_aoi(aoi_spec, cfg.input.aoi_crs)
-    if stac:
-        from geoseg import stac as stac_mod
-
-        scenes = stac_mod.load_scenes(stac, card)
-    else:
-        if not scene_paths:
-            raise ConfigError("geoseg map: give scenes (paths, globs, s3:// prefixes) or --stac ITEMS.json")
-        scenes = [Scene(p) for p in store.expand_inputs(scene_paths, cfg.storage)]
-    remote = [s.path for s in scenes if store.is_s3(s.path) or s.path.startswith("/vsi")]
-    if remote:
-        # The mosaic is a local VRT that workers open without the S3 settings; refuse rather than fail late.
-        raise ConfigError(f"geoseg map: scenes on S3 are not supported in a region mosaic yet ({remote[0]}); "
-                          "copy them to a local or shared file system, or map them one by one with geoseg predict")
-    for s in scenes:
-        with raster.open_raster(s.path, cfg.storage) as src:
-            s.info = raster.inspect(src, s.path)
-        if s.bands is None:
-            s.bands = raster.resolve_bands(s.info, card.bands, cfg.input.bands)
-    halo = card.halo_px if cfg.tiling.halo_px is None else cfg.tiling.halo_px
-    grid = region_grid(scenes, aoi, card, halo, cfg)
-    region = name or aoi.name
-    if store.is_s3(out_dir):
-        import tempfile
-
-        mosaic_dir = Path(tempfile.mkdtemp(prefix="geoseg-mosaic-"))
-    else:
-        mosaic_dir = Path(out_dir) / ".geoseg-mosaics"
-    mosaic = build_mosaic(scenes, grid, card, mosaic_dir / f"{region}.vrt", cfg.input.overlap,
-                          cfg.input.resampling)
-    job = apply_overrides(base, [])
-    job["input"] = {**job.get("input", {}), "paths": [str(mosaic)], "bands": None}
-    job["input"].pop("resample", None)
-    rcfg = config_from_dict(job, source="map arguments")
-    (record,) = run(rcfg, loaded_model=gm, engine=engine)
-    return record

@@ -35,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     sets = args.overrides + ["runtime.progress=log"]
     try:
         if args.aoi:
-            from geoseg.region import map_region
+            from geoseg.driver import map_region
 
             records = [map_region(args.inputs, args.aoi, args.out, model=args.model, stac=args.stac,
                                   name=args.name, overrides=[f"input.aoi_crs={args.aoi_crs}", *sets],
                                   config=args.config)]
         else:
-            from geoseg.api import predict
+            from geoseg.driver import predict
 
             if not args.inputs:
                 ap.error("give input rasters (or --aoi with --stac)")

@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from geoseg.api import run
+from geoseg.driver import run
 from geoseg.config import load_config
 from geoseg.errors import GeosegError
 

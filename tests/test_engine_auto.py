@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import geoseg.api as api
-import geoseg.engines.ray as runner
+import geoseg.driver as driver
+import geoseg.engines.local as local_engine
+import geoseg.engines.ray as ray_engine
 from geoseg.api import predict
 from geoseg.config import JobConfig
 
@@ -18,7 +19,7 @@ from geoseg.config import JobConfig
 def engines(monkeypatch):
     """Record which engine each run used; the 'ray' engine runs the local one (same outputs, no Ray start)."""
     used: list[str] = []
-    local = api._local_engine
+    local = local_engine.local_engine
 
     def fake_local(plans, items, cfg, model):
         used.append("local")
@@ -28,8 +29,8 @@ def engines(monkeypatch):
         used.append("ray")
         return local(plans, items, cfg, model)
 
-    monkeypatch.setattr(api, "_local_engine", fake_local)
-    monkeypatch.setattr(runner, "ray_engine", fake_ray)
+    monkeypatch.setattr(local_engine, "local_engine", fake_local)
+    monkeypatch.setattr(ray_engine, "ray_engine", fake_ray)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     return used
 
@@ -53,7 +54,7 @@ def test_small_job_runs_in_process(tmp_path, s2_chip, dw_model, engines):
 
 
 def test_many_blocks_go_to_ray(tmp_path, s2_chip, dw_model, engines):
-    n = api.AUTO_LOCAL_MAX_BLOCKS
+    n = driver.AUTO_LOCAL_MAX_BLOCKS
     assert (512 // 128) ** 2 > n  # 16 blocks of 128 px
     _run(s2_chip, tmp_path / "a", dw_model, "tiling.block_px=128", "tiling.tile_px=128")
     assert engines == ["ray"]

@@ -16,7 +16,7 @@ from rasterio.windows import Window
 
 from geoseg.api import predict
 from geoseg.errors import InputError
-from geoseg.region import map_region
+from geoseg.api import map_region
 
 SETS = ["runtime.engine=local", "tiling.block_px=256", "vector.formats=[parquet]", "output.report=false"]
 

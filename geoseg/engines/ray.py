@@ -29,10 +29,10 @@ from typing import Iterator
 import ray
 
 from geoseg._memory import release_free_memory
-from geoseg.api import WorkItem, _failure, finish_block
+from geoseg.blocks import BlockResult, WorkItem, failed_result, finish_block, read_block
 from geoseg.config import JobConfig
 from geoseg.errors import ConfigError
-from geoseg.pipeline import BlockResult, ScenePlan, read_block
+from geoseg.plan import ScenePlan
 
 log = logging.getLogger("geoseg")
 
@@ -169,7 +169,7 @@ class InferenceActor:
         try:
             pred = self._predictor(model_box).predict_block(block, data, valid)
         except Exception as e:
-            return BlockResult(plan.index, block.id, row, col, None, error=_failure(plan, block, e))
+            return failed_result(plan, block, e)
         return BlockResult(plan.index, block.id, row, col, pred.mask, pred.tiles_inferred, pred.tiles_skipped,
                            pred.model_calls, node=ray.get_runtime_context().get_node_id())
 
@@ -180,13 +180,11 @@ def _read(plan: ScenePlan, row: int, col: int):
     try:
         return read_block(plan, block)
     except Exception as e:
-        return BlockResult(plan.index, block.id, row, col, None, error=_failure(plan, block, e))
+        return failed_result(plan, block, e)
 
 
 def _finish(plan: ScenePlan, row: int, col: int, result: BlockResult | None, cfg: JobConfig) -> BlockResult:
     release_free_memory()
-    if result is not None and result.error is not None:
-        return result
     return finish_block(plan, plan.grid.block(row, col), result, cfg)
 
 
@@ -268,8 +266,7 @@ def ray_engine(plans: list[ScenePlan], items: list[WorkItem], cfg: JobConfig, mo
                 try:
                     yield ray.get(ref)
                 except ray.exceptions.RayError as e:  # retries exhausted: report it as this block's failure
-                    block = plan.grid.block(item.row, item.col)
-                    yield BlockResult(plan.index, block.id, item.row, item.col, None, error=_failure(plan, block, e))
+                    yield failed_result(plan, plan.grid.block(item.row, item.col), e)
     finally:
         for ref in pending:
             ray.cancel(ref, force=True, recursive=True)

@@ -20,7 +20,8 @@ from rasterio.windows import Window
 from geoseg.config import StorageConfig
 from geoseg.errors import InputError
 
-__all__ = ["RasterInfo", "open_raster", "inspect", "resolve_bands", "band_name", "read_window", "SUPPORTED_DTYPES"]
+__all__ = ["RasterInfo", "open_raster", "cached_dataset", "inspect", "resolve_bands", "band_name", "read_window",
+           "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 
@@ -73,6 +74,47 @@ def open_raster(path: str, storage: StorageConfig | None = None) -> Iterator[ras
         raise InputError(f"{path}: not a readable raster ({_gdal_reason(e)})") from None
     with src:
         yield src
+
+
+# A worker keeps its datasets open between blocks of the same file (one open per file, not per block: on S3
+# each open costs header requests). Local files are keyed by their identity too: a mask rewritten under the
+# same name (a notebook's second run) must not be read from the stale handle.
+_OPEN: dict[tuple, rasterio.DatasetReader] = {}
+_MAX_OPEN = 4
+
+
+def cached_dataset(path: str, storage: StorageConfig | None = None) -> rasterio.DatasetReader:
+    """This process's open dataset for ``path`` (opened through ``open_raster``), reused across calls."""
+    import os
+
+    from geoseg.io import store
+
+    key: tuple = (path,)
+    if not store.is_s3(path) and os.path.exists(path):
+        key = (path, *_identity(os.stat(path)))
+    ds = _OPEN.get(key)
+    if ds is None or ds.closed:
+        stale = [k for k in _OPEN if k[0] == path] if len(_OPEN) < _MAX_OPEN else list(_OPEN)
+        for k in stale:
+            _close(_OPEN.pop(k))
+        cm = open_raster(path, storage)
+        ds = cm.__enter__()
+        ds._geoseg_cm = cm  # keep the context (and any GDAL env) alive with the dataset
+        _OPEN[key] = ds
+    return ds
+
+
+def _identity(st) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _close(ds: rasterio.DatasetReader) -> None:
+    cm = getattr(ds, "_geoseg_cm", None)
+    with contextlib.suppress(Exception):
+        if cm is not None:
+            cm.__exit__(None, None, None)
+        else:
+            ds.close()
 
 
 def _gdal_reason(e: BaseException) -> str:

@@ -1,18 +1,10 @@
-"""One scene from raster to outputs: planning, per-block compute, and the single writer with resume.
-
-The stages are plain functions so that the runner (Ray) and the local engine schedule exactly the same code:
-
-    plan_scene  -> ScenePlan (validated input, band mapping, tile grid, output location)
-    read_block  -> (data, valid) for a block's read window          [CPU, any worker]
-    Predictor.predict_block (geoseg.infer)                         [inference worker, GPU if any]
-    postprocess_block -> BlockResult (mask, polygons)               [CPU, any worker]
-    SceneWriter.add(BlockResult) ... finish()                      [one writer per scene]
+"""Stitching a scene: the single writer that assembles finished blocks into the mask and vectors, with resume.
 
 Durability and resume: each finished block's mask is stored atomically under ``<scene>/.partial/blocks``
 with its checksum, next to ``job.json`` that fingerprints the config, model and input. A rerun with the same
 fingerprint reads those blocks back instead of predicting them; a different fingerprint refuses to mix
-(``--overwrite`` starts fresh). The run record ``run.json`` is written last: its presence means the
-scene's outputs are complete.
+(``--overwrite`` starts fresh). Outputs are completed and verified in a work directory and then published,
+``run.json`` last: its presence means the scene's outputs are complete.
 """
 
 from __future__ import annotations
@@ -24,195 +16,20 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from geoseg import __version__
 from geoseg.areas import mask_class_areas
-from geoseg.config import JobConfig, StorageConfig
+from geoseg.config import JobConfig
+from geoseg.conventions import NODATA, VERSION
 from geoseg.errors import OutputError, write_failure
-from geoseg.grid import Block, TileGrid
-from geoseg.write.cog import NODATA
+from geoseg.grid import Block
 from geoseg.io import raster, store
+from geoseg.plan import ScenePlan
 
-__all__ = [
-    "ScenePlan",
-    "BlockResult",
-    "SceneWriter",
-    "plan_scene",
-    "load_run_record",
-    "read_block",
-    "postprocess_block",
-    "scene_stem",
-    "fingerprint",
-    "load_block_record",
-]
-
-
-def scene_stem(path: str) -> str:
-    """The output sub-directory name of an input scene: its file name without the extension."""
-    name = PurePosixPath(path.rstrip("/")).name
-    for ext in (".tiff", ".tif", ".vrt", ".jp2", ".img"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
-@dataclass(frozen=True)
-class ScenePlan:
-    """Everything a worker needs to process blocks of one scene (small and picklable)."""
-
-    index: int
-    path: str
-    stem: str
-    info: raster.RasterInfo
-    bands: list[int]
-    grid: TileGrid
-    out_dir: str
-    storage: StorageConfig
-    sieve_px: int = 0  # minimum mapping unit in pixels (0: none); needs a second pass over the mask
-    fill_value: float = 0.0  # what the model sees in place of invalid input (the card's fill_value)
-    scale: float = 1.0  # input.scale / input.offset: raw values -> the model's units
-    offset: float = 0.0
-    aoi_wkb: bytes | None = None  # input.aoi in the scene's CRS: pixels outside are nodata
-    aoi_blocks: frozenset[str] | None = None  # ids of the blocks that touch the AOI (None: no AOI, all)
-
-
-def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
-    """Open and validate ``path`` against the model card (the input contract) and the tiling config."""
-    from geoseg.io import contract
-
-    with raster.open_raster(path, cfg.storage) as src:
-        info = raster.inspect(src, path)
-        contract.enforce(path, contract.checks(src, info, card, cfg.input, cfg.runtime.max_pixels))
-    bands = raster.resolve_bands(info, card.bands, cfg.input.bands)
-    halo = card.halo_px if cfg.tiling.halo_px is None else cfg.tiling.halo_px
-    grid = TileGrid(
-        shape=info.shape, transform=info.transform, crs=info.crs_wkt, tile_px=cfg.tiling.tile_px,
-        halo_px=halo, block_px=cfg.tiling.block_px, stride_px=card.output_stride,
-    )
-    out_dir = store.join(cfg.output.dir, scene_stem(path))
-    sieve_px = 0
-    if cfg.vector.sieve_px or cfg.vector.min_area_m2:
-        from geoseg.vectorize import sieve_size_px
-
-        sieve_px = sieve_size_px(cfg.vector.sieve_px, cfg.vector.min_area_m2, info.transform, info.crs, info.shape)
-    aoi_wkb, aoi_blocks = None, None
-    if cfg.input.aoi:
-        aoi_wkb, aoi_blocks = _aoi_blocks(cfg, info, grid, path)
-    return ScenePlan(index, path, scene_stem(path), info, bands, grid, out_dir, cfg.storage, sieve_px,
-                     fill_value=card.fill_value, scale=cfg.input.scale, offset=cfg.input.offset,
-                     aoi_wkb=aoi_wkb, aoi_blocks=aoi_blocks)
-
-
-def _aoi_blocks(cfg: JobConfig, info: raster.RasterInfo, grid: TileGrid, path: str) -> tuple[bytes, frozenset[str]]:
-    """The AOI in the scene's CRS (WKB) and the ids of the blocks whose window touches it."""
-    import shapely
-
-    from geoseg.errors import InputError
-    from geoseg.region import read_aoi
-
-    geom = read_aoi(cfg.input.aoi, cfg.input.aoi_crs).in_crs(info.crs_wkt)
-    blocks = list(grid.blocks())
-    t = info.transform
-    boxes = []
-    for b in blocks:
-        w = b.window
-        x0, y0 = t @ (w.col_off, w.row_off)
-        x1, y1 = t @ (w.col_off + w.width, w.row_off + w.height)
-        boxes.append(shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
-    shapely.prepare(geom)
-    # interiors must meet: a block the AOI only touches along an edge has no pixel centre in it
-    hits = shapely.intersects(geom, boxes) & ~shapely.touches(geom, boxes)
-    touching = frozenset(b.id for b, hit in zip(blocks, hits) if hit)
-    if not touching:
-        raise InputError(f"{path}: input.aoi {cfg.input.aoi!r} does not overlap the raster")
-    return shapely.to_wkb(geom), touching
-
-
-_AOI_CACHE: dict[int, Any] = {}
-
-
-def _aoi_mask(plan: ScenePlan, window) -> np.ndarray:
-    """True where a pixel's centre lies in the AOI, over ``window`` of the scene."""
-    import shapely
-    from rasterio import features, windows
-
-    key = hash(plan.aoi_wkb)
-    geom = _AOI_CACHE.get(key)
-    if geom is None:
-        _AOI_CACHE.clear()
-        geom = _AOI_CACHE[key] = shapely.from_wkb(plan.aoi_wkb)
-    shape = (int(window.height), int(window.width))
-    return features.geometry_mask([geom], shape, windows.transform(window, plan.info.transform), invert=True)
-
-
-# Worker processes keep their datasets open between blocks of the same scene (one open per scene, not per
-# block: on S3 each open costs header requests).
-_OPEN: dict[str, Any] = {}
-
-
-def _dataset(plan: ScenePlan):
-    ds = _OPEN.get(plan.path)
-    if ds is None or ds.closed:
-        if len(_OPEN) >= 4:
-            for old in list(_OPEN.values()):
-                old.close()
-            _OPEN.clear()
-        cm = raster.open_raster(plan.path, plan.storage)
-        ds = cm.__enter__()
-        ds._geoseg_cm = cm  # keep the context (and any GDAL env) alive with the dataset
-        _OPEN[plan.path] = ds
-    return ds
-
-
-def read_block(plan: ScenePlan, block: Block) -> tuple[np.ndarray, np.ndarray]:
-    """Read a block's window (block + halo) in the model's bands: (data, valid)."""
-    if plan.aoi_blocks is not None and block.id not in plan.aoi_blocks:
-        # outside the AOI: never read; no valid pixel, so no tile reaches the model
-        rows, cols = int(block.read.height), int(block.read.width)
-        return np.zeros((len(plan.bands), rows, cols), np.uint8), np.zeros((rows, cols), bool)
-    data, valid = raster.read_window(_dataset(plan), block.read, plan.bands, fill=plan.fill_value,
-                                     scale=plan.scale, offset=plan.offset)
-    if plan.aoi_wkb is not None:
-        valid &= _aoi_mask(plan, block.read)  # the output outside the AOI is nodata; the input stays as read
-    return data, valid
-
-
-@dataclass
-class BlockResult:
-    """What the writer receives for one block."""
-
-    scene: int
-    block_id: str
-    row: int
-    col: int
-    mask: np.ndarray
-    tiles_inferred: int = 0
-    tiles_skipped: int = 0
-    model_calls: int = 0
-    polygons: Any = None
-    error: str | None = None
-    from_resume: bool = False
-    node: str | None = None  # the Ray node that ran the model on it (None: this process)
-
-
-def postprocess_block(plan: ScenePlan, block: Block, result: BlockResult, vector_cfg=None) -> BlockResult:
-    """CPU work after inference: polygonize the block's mask when vectors are requested.
-
-    With a sieve the polygons come from the sieved mask, which needs neighbouring blocks: the writer
-    polygonizes in its sieve pass instead.
-    """
-    if vector_cfg is not None and vector_cfg.enabled and result.error is None and plan.sieve_px <= 1:
-        from geoseg import vectorize
-
-        result.polygons = vectorize.polygonize_block(
-            result.mask, block.window, nodata=NODATA, connectivity=vector_cfg.connectivity
-        )
-    return result
+__all__ = ["SceneWriter", "fingerprint", "load_run_record", "load_block_record", "block_sha256"]
 
 
 def fingerprint(cfg: JobConfig, card, info: raster.RasterInfo, plan_bands: list[int]) -> dict[str, Any]:
@@ -256,12 +73,12 @@ def load_block_record(plan: ScenePlan, block: Block) -> np.ndarray | None:
             mask, sha = z["mask"], str(z["sha256"])
     except Exception:
         return None
-    if _sha256(mask) != sha or mask.shape != (int(block.window.height), int(block.window.width)):
+    if block_sha256(mask) != sha or mask.shape != (int(block.window.height), int(block.window.width)):
         return None
     return mask
 
 
-def _sha256(a: np.ndarray) -> str:
+def block_sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
@@ -299,7 +116,7 @@ class SceneWriter:
             class_names=card.class_names, palette=card.palette, nodata=NODATA,
             blocksize_px=cfg.output.cog_blocksize_px, compress=cfg.output.compress,
             overviews=cfg.output.overviews,
-            tags={"GEOSEG_MODEL": card.name, "GEOSEG_MODEL_VERSION": card.version, "GEOSEG_VERSION": __version__},
+            tags={"GEOSEG_MODEL": card.name, "GEOSEG_MODEL_VERSION": card.version, "GEOSEG_VERSION": VERSION},
         )
         self.vectors = None
         if cfg.vector.enabled:
@@ -352,7 +169,7 @@ class SceneWriter:
         store.write_bytes(store.join(self.partial, "blocks", f"{block_id}.npz"), buf.getvalue(), self.storage)
 
     # -- writing ------------------------------------------------------------------------------------------
-    def add(self, block: Block, result: BlockResult) -> None:
+    def add(self, block: Block, result) -> None:
         """Take one finished block (any order)."""
         if result.error is not None:
             self.failed[block.id] = result.error
@@ -362,8 +179,8 @@ class SceneWriter:
         except Exception as e:  # a full disk under the scratch mask or the block records
             raise write_failure(self.out_dir, e, f"write block {block.id}") from None
 
-    def _add(self, block: Block, result: BlockResult) -> None:
-        sha = _sha256(result.mask)
+    def _add(self, block: Block, result) -> None:
+        sha = block_sha256(result.mask)
         if result.from_resume:
             self.stats["blocks_resumed"] += 1
         else:
@@ -457,7 +274,7 @@ class SceneWriter:
         local["manifest"] = self.work / "manifest.json"
         local["manifest"].write_bytes(json.dumps(manifest, indent=1).encode())
         self._record = record = {
-            "geoseg_version": __version__,
+            "geoseg_version": VERSION,
             "input": {
                 "path": self.plan.path, "shape_rows_cols": list(self.plan.info.shape),
                 "bands": self.plan.bands, "crs": self.plan.info.crs.to_string(),

@@ -1,0 +1,131 @@
+"""The per-block stages, shared by both engines: read, predict, polygonize, or read back a resumed block.
+
+    read_block       -> (data, valid) for a block's read window          [CPU, any worker]
+    Predictor.predict_block (geoseg.infer)                              [inference worker, GPU if any]
+    postprocess_block -> BlockResult (mask, polygons)                    [CPU, any worker]
+
+``process_item`` chains them in one call (the local engine); the Ray engine runs the same functions as a read
+task, an actor method and a finish task. The writer (``geoseg.stitch``) receives every ``BlockResult``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from geoseg.config import JobConfig
+from geoseg.conventions import NODATA
+from geoseg.errors import GeosegError
+from geoseg.grid import Block
+from geoseg.io import raster
+from geoseg.plan import ScenePlan, aoi_mask
+
+__all__ = ["WorkItem", "BlockResult", "block_failure", "failed_result", "read_block", "compute_block",
+           "postprocess_block", "finish_block", "process_item"]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One block of one scene; ``resume`` means its mask is read back from an earlier run's record."""
+
+    scene: int
+    row: int
+    col: int
+    resume: bool = False
+
+
+@dataclass
+class BlockResult:
+    """What the writer receives for one block."""
+
+    scene: int
+    block_id: str
+    row: int
+    col: int
+    mask: np.ndarray | None
+    tiles_inferred: int = 0
+    tiles_skipped: int = 0
+    model_calls: int = 0
+    polygons: Any = None
+    error: str | None = None
+    from_resume: bool = False
+    node: str | None = None  # the Ray node that ran the model on it (None: this process)
+
+
+def block_failure(plan: ScenePlan, block: Block, e: BaseException | str) -> str:
+    """``<file>: block <id>: <problem>`` (the problem without a repeated file name)."""
+    msg = str(e).removeprefix(f"{plan.path}: ")
+    if isinstance(e, BaseException) and not isinstance(e, GeosegError):
+        msg = f"{type(e).__name__}: {msg}"
+    return f"{plan.path}: block {block.id}: {msg}"
+
+
+def failed_result(plan: ScenePlan, block: Block, e: BaseException | str) -> BlockResult:
+    """The result of a block that failed (the run counts it against ``runtime.max_failed_blocks``)."""
+    return BlockResult(plan.index, block.id, block.row, block.col, None, error=block_failure(plan, block, e))
+
+
+def read_block(plan: ScenePlan, block: Block) -> tuple[np.ndarray, np.ndarray]:
+    """Read a block's window (block + halo) in the model's bands: (data, valid)."""
+    if plan.aoi_blocks is not None and block.id not in plan.aoi_blocks:
+        # outside the AOI: never read; no valid pixel, so no tile reaches the model
+        rows, cols = int(block.read.height), int(block.read.width)
+        return np.zeros((len(plan.bands), rows, cols), np.uint8), np.zeros((rows, cols), bool)
+    data, valid = raster.read_window(raster.cached_dataset(plan.path, plan.storage), block.read, plan.bands,
+                                     fill=plan.fill_value, scale=plan.scale, offset=plan.offset)
+    if plan.aoi_wkb is not None:
+        valid &= aoi_mask(plan, block.read)  # the output outside the AOI is nodata; the input stays as read
+    return data, valid
+
+
+def compute_block(plan: ScenePlan, block: Block, predictor) -> BlockResult:
+    """Read + predict one block (the model runs only here)."""
+    try:
+        data, valid = read_block(plan, block)
+        pred = predictor.predict_block(block, data, valid)
+    except Exception as e:  # reported with the block id; the driver decides whether the run fails
+        return failed_result(plan, block, e)
+    return BlockResult(plan.index, block.id, block.row, block.col, pred.mask, pred.tiles_inferred,
+                       pred.tiles_skipped, pred.model_calls)
+
+
+def postprocess_block(plan: ScenePlan, block: Block, result: BlockResult, vector_cfg=None) -> BlockResult:
+    """CPU work after inference: polygonize the block's mask when vectors are requested.
+
+    With a sieve the polygons come from the sieved mask, which needs neighbouring blocks: the writer
+    polygonizes in its sieve pass instead.
+    """
+    if vector_cfg is not None and vector_cfg.enabled and result.error is None and plan.sieve_px <= 1:
+        from geoseg import vectorize
+
+        result.polygons = vectorize.polygonize_block(
+            result.mask, block.window, nodata=NODATA, connectivity=vector_cfg.connectivity
+        )
+    return result
+
+
+def finish_block(plan: ScenePlan, block: Block, result: BlockResult | None, cfg: JobConfig) -> BlockResult:
+    """CPU stage after inference, or in place of it for a resumed block."""
+    if result is None:  # resumed: read the stored mask back
+        from geoseg.stitch import load_block_record
+
+        mask = load_block_record(plan, block)
+        if mask is None:
+            return failed_result(plan, block, "stored result missing or corrupt")
+        result = BlockResult(plan.index, block.id, block.row, block.col, mask, from_resume=True)
+    if result.error is not None:
+        return result
+    try:
+        return postprocess_block(plan, block, result, cfg.vector)
+    except Exception as e:
+        return failed_result(plan, block, e)
+
+
+def process_item(plans: list[ScenePlan], item: WorkItem, predictor, cfg: JobConfig) -> BlockResult:
+    """The whole per-block work in one call (the local engine)."""
+    plan = plans[item.scene]
+    block = plan.grid.block(item.row, item.col)
+    result = None if item.resume else compute_block(plan, block, predictor)
+    return finish_block(plan, block, result, cfg)

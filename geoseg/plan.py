@@ -1,0 +1,115 @@
+"""Planning a scene: the validated input (the contract), its band mapping, tile grid, AOI and output location.
+
+``plan_scene`` runs in the driver for every scene before anything starts; the ``ScenePlan`` it returns is
+small and picklable and is all a worker needs to process any block of the scene.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from geoseg.config import JobConfig, StorageConfig
+from geoseg.errors import InputError
+from geoseg.grid import TileGrid
+from geoseg.io import contract, raster, store
+
+__all__ = ["ScenePlan", "plan_scene", "scene_stem", "aoi_mask"]
+
+
+def scene_stem(path: str) -> str:
+    """The output sub-directory name of an input scene: its file name without the extension."""
+    name = PurePosixPath(path.rstrip("/")).name
+    for ext in (".tiff", ".tif", ".vrt", ".jp2", ".img"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """Everything a worker needs to process blocks of one scene (small and picklable)."""
+
+    index: int
+    path: str
+    stem: str
+    info: raster.RasterInfo
+    bands: list[int]
+    grid: TileGrid
+    out_dir: str
+    storage: StorageConfig
+    sieve_px: int = 0  # minimum mapping unit in pixels (0: none); needs a second pass over the mask
+    fill_value: float = 0.0  # what the model sees in place of invalid input (the card's fill_value)
+    scale: float = 1.0  # input.scale / input.offset: raw values -> the model's units
+    offset: float = 0.0
+    aoi_wkb: bytes | None = None  # input.aoi in the scene's CRS: pixels outside are nodata
+    aoi_blocks: frozenset[str] | None = None  # ids of the blocks that touch the AOI (None: no AOI, all)
+
+
+def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
+    """Open and validate ``path`` against the model card (the input contract) and the tiling config."""
+    with raster.open_raster(path, cfg.storage) as src:
+        info = raster.inspect(src, path)
+        contract.enforce(path, contract.checks(src, info, card, cfg.input, cfg.runtime.max_pixels))
+    bands = raster.resolve_bands(info, card.bands, cfg.input.bands)
+    halo = card.halo_px if cfg.tiling.halo_px is None else cfg.tiling.halo_px
+    grid = TileGrid(
+        shape=info.shape, transform=info.transform, crs=info.crs_wkt, tile_px=cfg.tiling.tile_px,
+        halo_px=halo, block_px=cfg.tiling.block_px, stride_px=card.output_stride,
+    )
+    out_dir = store.join(cfg.output.dir, scene_stem(path))
+    sieve_px = 0
+    if cfg.vector.sieve_px or cfg.vector.min_area_m2:
+        from geoseg.vectorize import sieve_size_px  # a lazy import: vectorize is a later stage
+
+        sieve_px = sieve_size_px(cfg.vector.sieve_px, cfg.vector.min_area_m2, info.transform, info.crs, info.shape)
+    aoi_wkb, aoi_blocks = None, None
+    if cfg.input.aoi:
+        aoi_wkb, aoi_blocks = _aoi_blocks(cfg, info, grid, path)
+    return ScenePlan(index, path, scene_stem(path), info, bands, grid, out_dir, cfg.storage, sieve_px,
+                     fill_value=card.fill_value, scale=cfg.input.scale, offset=cfg.input.offset,
+                     aoi_wkb=aoi_wkb, aoi_blocks=aoi_blocks)
+
+
+def _aoi_blocks(cfg: JobConfig, info: raster.RasterInfo, grid: TileGrid, path: str) -> tuple[bytes, frozenset[str]]:
+    """The AOI in the scene's CRS (WKB) and the ids of the blocks whose window touches it."""
+    import shapely
+
+    from geoseg.region import read_aoi
+
+    geom = read_aoi(cfg.input.aoi, cfg.input.aoi_crs).in_crs(info.crs_wkt)
+    blocks = list(grid.blocks())
+    t = info.transform
+    boxes = []
+    for b in blocks:
+        w = b.window
+        x0, y0 = t @ (w.col_off, w.row_off)
+        x1, y1 = t @ (w.col_off + w.width, w.row_off + w.height)
+        boxes.append(shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
+    shapely.prepare(geom)
+    # interiors must meet: a block the AOI only touches along an edge has no pixel centre in it
+    hits = shapely.intersects(geom, boxes) & ~shapely.touches(geom, boxes)
+    touching = frozenset(b.id for b, hit in zip(blocks, hits) if hit)
+    if not touching:
+        raise InputError(f"{path}: input.aoi {cfg.input.aoi!r} does not overlap the raster")
+    return shapely.to_wkb(geom), touching
+
+
+_AOI_CACHE: dict[int, Any] = {}
+
+
+def aoi_mask(plan: ScenePlan, window) -> np.ndarray:
+    """True where a pixel's centre lies in the AOI, over ``window`` of the scene."""
+    import shapely
+    from rasterio import features, windows
+
+    key = hash(plan.aoi_wkb)
+    geom = _AOI_CACHE.get(key)
+    if geom is None:
+        _AOI_CACHE.clear()
+        geom = _AOI_CACHE[key] = shapely.from_wkb(plan.aoi_wkb)
+    shape = (int(window.height), int(window.width))
+    return features.geometry_mask([geom], shape, windows.transform(window, plan.info.transform), invert=True)
