@@ -4,8 +4,9 @@ the package version stamped into outputs. One home, so a writer and a reader can
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["VERSION", "NODATA", "CLASS_NAMES_TAG", "class_label", "M2_PER_HA"]
+__all__ = ["VERSION", "NODATA", "CLASS_NAMES_TAG", "class_label", "to_pyproj", "M2_PER_HA"]
 
 VERSION = "0.1.0"  # geoseg.__version__; stamped into masks (GEOSEG_VERSION tag) and run records
 
@@ -20,3 +21,14 @@ def class_label(class_names: Sequence[str | None], class_id: int) -> str:
     if 0 <= cid < len(class_names) and class_names[cid]:
         return str(class_names[cid])
     return f"class_{cid}"
+
+
+def to_pyproj(crs: Any):
+    """Any CRS (rasterio CRS, WKT, EPSG string, pyproj CRS) as a ``pyproj.CRS``; None stays None."""
+    import pyproj
+
+    if crs is None:
+        return None
+    if isinstance(crs, pyproj.CRS):
+        return crs
+    return pyproj.CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
