@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from geoseg.config import StorageConfig  # noqa: E402
-from geoseg.io import store  # noqa: E402
+from geoseg.io import raster, s3  # noqa: E402
 from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, CountingProxy, S3Server  # noqa: E402
 
 CHIP = Path(os.environ.get("GEOSEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "sentinel2" / (
@@ -65,7 +65,7 @@ Opener = Callable[[str, StorageConfig], AbstractContextManager]
 
 def open_vsis3(url: str, storage: StorageConfig):
     """geoseg's choice: GDAL /vsis3/ with gdal_env_options."""
-    return store.open_raster(url, storage)
+    return raster.open_raster(url, storage)
 
 
 class _Plain:
@@ -87,7 +87,7 @@ class _Plain:
 
 def _endpoint_only(storage: StorageConfig) -> dict[str, str]:
     keep = ("AWS_S3_ENDPOINT", "AWS_HTTPS", "AWS_VIRTUAL_HOSTING", "AWS_REGION")
-    return {k: v for k, v in store.gdal_env_options(storage).items() if k in keep}
+    return {k: v for k, v in s3.gdal_env_options(storage).items() if k in keep}
 
 
 def open_vsis3_defaults(url: str, storage: StorageConfig):
@@ -97,7 +97,7 @@ def open_vsis3_defaults(url: str, storage: StorageConfig):
 
 def open_s3fs_default(url: str, storage: StorageConfig):
     """rasterio opener = s3fs filesystem (file objects with s3fs's default 50 MiB read-ahead blocks)."""
-    return _Plain(url, _endpoint_only(storage), opener=store.filesystem(storage))
+    return _Plain(url, _endpoint_only(storage), opener=s3.filesystem(storage))
 
 
 def open_s3fs_tuned(url: str, storage: StorageConfig):

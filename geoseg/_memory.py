@@ -2,8 +2,8 @@
 
 Blocks at the raster's edges have other shapes than interior ones, and glibc keeps the freed buffers of every
 shape in its arenas: without trimming, a long run's resident memory creeps up with the variety of block
-shapes seen (measured: a worker's RSS 369 MiB on a 1x scene, 552 MiB on 16x; with a trim after each block
-304 and 308 MiB). ``malloc_trim`` costs about a millisecond per block.
+shapes seen; with a trim after each block it stays flat (numbers in benchmarks/README.md). ``malloc_trim``
+costs about a millisecond per block.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from geoseg.conventions import M2_PER_HA, NODATA, class_label
+
 __all__ = [
     "equal_area_crs",
     "row_pixel_areas_m2",
@@ -136,10 +138,6 @@ def cell_pixel_areas_m2(transform, crs: Any, shape: tuple[int, int], cell_px: in
     return area / npx
 
 
-def _class_label(cid: int, class_names: Sequence[str]) -> str:
-    return class_names[cid] if cid < len(class_names) and class_names[cid] else f"class_{cid}"
-
-
 def mask_class_areas(
     mask: Any,
     class_names: Sequence[str] | None = None,
@@ -164,7 +162,7 @@ def mask_class_areas(
 
         class_names = read_class_names(ds)
     if nodata is None:
-        nodata = 255 if ds.nodata is None else int(ds.nodata)
+        nodata = NODATA if ds.nodata is None else int(ds.nodata)
     rows, cols = ds.height, ds.width
     transform, pcrs = ds.transform, _pcrs(ds.crs)
     if pcrs is None:
@@ -196,9 +194,9 @@ def mask_class_areas(
             counts += per.sum(axis=0)
             area += cell_area[r0 // cell_px] @ per
     return area_table(
-        {_class_label(c, class_names): float(area[c]) for c in range(256) if counts[c] and c != nodata},
-        pixels={_class_label(c, class_names): int(counts[c]) for c in range(256) if counts[c] and c != nodata},
-        class_ids={_class_label(c, class_names): c for c in range(256) if counts[c] and c != nodata},
+        {class_label(class_names, c): float(area[c]) for c in range(256) if counts[c] and c != nodata},
+        pixels={class_label(class_names, c): int(counts[c]) for c in range(256) if counts[c] and c != nodata},
+        class_ids={class_label(class_names, c): c for c in range(256) if counts[c] and c != nodata},
         nodata_pixels=int(counts[nodata]) if 0 <= nodata < 256 else 0,
         nodata_m2=float(area[nodata]) if 0 <= nodata < 256 else 0.0,
         method=method,
@@ -266,10 +264,10 @@ def area_table(
             row["id"] = int(ids[name])
         if pixels is not None and name in pixels:
             row["pixels"] = int(pixels[name])
-        row.update(area_m2=round(a, 3), area_ha=round(a / 1e4, 6),
+        row.update(area_m2=round(a, 3), area_ha=round(a / M2_PER_HA, 6),
                    percent=round(100.0 * a / total, 6) if total > 0 else 0.0)
         classes[name] = row
-    out: dict[str, Any] = {"valid_m2": round(total, 3), "valid_ha": round(total / 1e4, 6)}
+    out: dict[str, Any] = {"valid_m2": round(total, 3), "valid_ha": round(total / M2_PER_HA, 6)}
     if nodata_pixels is not None:
         out["nodata_pixels"] = int(nodata_pixels)
     if nodata_m2 is not None:

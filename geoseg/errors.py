@@ -19,6 +19,9 @@ __all__ = [
     "ModelError",
     "OutputError",
     "StorageError",
+    "ObjectNotFoundError",
+    "AccessDeniedError",
+    "EndpointUnreachableError",
     "BlockError",
     "EXIT_OK",
     "EXIT_INTERNAL",
@@ -76,6 +79,18 @@ class OutputError(GeosegError, OSError):
 
 class StorageError(GeosegError, OSError):
     """An object store could not be reached or refused a request."""
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError):
+    """No object or file at the path, or its bucket does not exist."""
+
+
+class AccessDeniedError(StorageError, PermissionError):
+    """The store refused the request (credentials, bucket policy, IAM)."""
+
+
+class EndpointUnreachableError(StorageError, ConnectionError):
+    """The S3 endpoint did not answer, after the configured retries."""
 
 
 class BlockError(GeosegError, RuntimeError):

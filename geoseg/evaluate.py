@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from geoseg.conventions import CLASS_NAMES_TAG, NODATA
 from geoseg.errors import InputError
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "format_markdown",
 ]
 
-NODATA = 255
 _VECTOR = (".geojson", ".json", ".gpkg", ".parquet", ".geoparquet", ".shp", ".fgb")
 
 
@@ -154,9 +154,9 @@ def _read_mask(path: str):
     if mask.min() < 0 or mask.max() > 255:
         raise InputError(f"{path}: prediction values must be class ids 0..254 (found {mask.min()}..{mask.max()})")
     names = None
-    if "GEOSEG_CLASS_NAMES" in tags:
+    if CLASS_NAMES_TAG in tags:
         try:
-            names = list(json.loads(tags["GEOSEG_CLASS_NAMES"]))
+            names = list(json.loads(tags[CLASS_NAMES_TAG]))
         except (ValueError, TypeError):
             names = None
     return mask.astype(np.uint8), profile, names

@@ -26,7 +26,6 @@ Outputs are written locally and published through ``geoseg.io.store`` (atomic re
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -39,8 +38,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from geoseg.config import StorageConfig
+from geoseg.conventions import M2_PER_HA, class_label
 from geoseg.errors import ConfigError, InputError, OutputError
 from geoseg.io import store
+from geoseg.runs import SceneOutputs, find_scenes, model_classes, read_polygons, scene_grid
+from geoseg.scene_merge import clip_to_aoi, merge_across_scenes, same_grid, to_map, to_pixels
 
 log = logging.getLogger("geoseg")
 
@@ -60,26 +62,6 @@ LAYER = "landcover"
 
 
 @dataclass
-class SceneOutputs:
-    """One finished scene of a run: its directory and its run record."""
-
-    dir: str
-    record: dict[str, Any]
-    has_report: bool = False  # set by the run report: does the scene have its own page?
-
-    @property
-    def name(self) -> str:
-        return PurePosixPath(self.dir.rstrip("/")).name if store.is_s3(self.dir) else Path(self.dir).name
-
-    def output(self, kind: str) -> str | None:
-        """Path of an output kind (mask, parquet, gpkg, geojson, ...) inside ``dir`` (the run may have moved)."""
-        p = self.record.get("outputs", {}).get(kind)
-        if not p:
-            return None
-        return store.join(self.dir, PurePosixPath(str(p)).name)
-
-
-@dataclass
 class ExportResult:
     """What ``export_run`` wrote."""
 
@@ -90,55 +72,6 @@ class ExportResult:
     seconds: float
     scenes: list[str] = field(default_factory=list)
     merged: int = 0  # polygons that were joined across scene borders (count of polygons removed)
-
-
-# ------------------------------------------------------------------------------------------ scenes
-
-
-def find_scenes(run: str, storage: StorageConfig | None = None) -> list[SceneOutputs]:
-    """The finished scenes of a run directory (``<run>/*/run.json``), or the run directory itself if it is one
-    scene. Raises ``InputError`` naming the path when there is none."""
-    storage = storage or StorageConfig()
-    run = str(run)
-    if not store.is_s3(run) and not os.path.exists(run):
-        raise InputError(f"{run}: run directory not found")
-    own = store.join(run, "run.json")
-    if store.exists(own, storage):
-        return [SceneOutputs(run.rstrip("/"), _read_record(own, storage))]
-    scenes = []
-    for entry in store.list_dir(run, storage):
-        rec = store.join(entry, "run.json")
-        if (store.is_s3(entry) or os.path.isdir(entry)) and store.exists(rec, storage):
-            scenes.append(SceneOutputs(entry, _read_record(rec, storage)))
-    if not scenes:
-        raise InputError(f"{run}: holds no finished scene (no <scene>/run.json; is the run complete?)")
-    return scenes
-
-
-def _read_record(path: str, storage: StorageConfig) -> dict[str, Any]:
-    try:
-        rec = json.loads(store.read_bytes(path, storage))
-    except ValueError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(rec, dict) or "input" not in rec or "model" not in rec:
-        raise InputError(f"{path}: not a geoseg run record (keys 'input' and 'model' missing)")
-    return rec
-
-
-def model_classes(scenes: Sequence[SceneOutputs]) -> tuple[list[str], dict[int, tuple[int, int, int, int]]]:
-    """Class names by id and the RGBA palette from the scenes' model cards (the first card names them)."""
-    names: list[str] = []
-    palette: dict[int, tuple[int, int, int, int]] = {}
-    for s in scenes:
-        for c in s.record.get("model", {}).get("classes", []):
-            cid = int(c["id"])
-            while len(names) <= cid:
-                names.append("")
-            if not names[cid]:
-                names[cid] = str(c["name"])
-                h = str(c.get("color", "#808080")).lstrip("#")
-                palette[cid] = (int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16), 255)
-    return names, palette
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -237,186 +170,6 @@ def _transform_geom(geoms, src, dst, densify: float | None = None):
     return shapely.transform(geoms, fwd)
 
 
-# ------------------------------------------------------------------------------------------ reading
-
-
-def _scene_grid(scene: SceneOutputs):
-    """(pyproj CRS, Affine, (rows, cols)) of a scene's mask, from its run record."""
-    import pyproj
-    from affine import Affine
-
-    inp = scene.record["input"]
-    return (pyproj.CRS.from_user_input(inp["crs"]), Affine(*inp["transform"][:6]),
-            tuple(int(v) for v in inp["shape_rows_cols"]))
-
-
-def _read_polygons(scene: SceneOutputs, storage: StorageConfig, bbox, work: Path):
-    """(geometries, class ids) of a scene in its CRS; ``bbox`` (in that CRS) limits what is read."""
-    import geopandas as gpd
-    import pyogrio
-
-    parquet = scene.output("parquet")
-    if parquet and store.exists(parquet, storage):
-        kw: dict[str, Any] = {"columns": ["class_id", "geometry"]}
-        if bbox is not None:
-            kw["bbox"] = tuple(bbox)
-        if store.is_s3(parquet):
-            gdf = gpd.read_parquet(parquet[len("s3://"):], filesystem=store.filesystem(storage), **kw)
-        else:
-            gdf = gpd.read_parquet(parquet, **kw)
-        return np.asarray(gdf.geometry.values, dtype=object), gdf["class_id"].to_numpy().astype(np.int64)
-    for kind in ("gpkg", "geojson", "geojsonseq"):
-        p = scene.output(kind)
-        if p and store.exists(p, storage):
-            src = store.read_bytes(p, storage) if store.is_s3(p) else p
-            df = pyogrio.read_dataframe(src, columns=["class_id"], bbox=tuple(bbox) if bbox is not None else None)
-            return np.asarray(df.geometry.values, dtype=object), df["class_id"].to_numpy().astype(np.int64)
-    # No polygons were written (vector.enabled=false): polygonize the mask.
-    mask = scene.output("mask")
-    if not mask or not store.exists(mask, storage):
-        raise InputError(f"{scene.dir}: the scene has neither polygons nor mask.tif to export")
-    from geoseg.config import VectorConfig
-    from geoseg.vectorize import vectorize_file
-
-    local = mask
-    if store.is_s3(mask):
-        local = str(work / f"{scene.name}-mask.tif")
-        Path(local).write_bytes(store.read_bytes(mask, storage))
-    out = work / f"{scene.name}-polygons.parquet"
-    vectorize_file(local, out, VectorConfig(formats=["parquet"]), workers=1, overwrite=True)
-    gdf = gpd.read_parquet(out, columns=["class_id", "geometry"], bbox=tuple(bbox) if bbox is not None else None)
-    return np.asarray(gdf.geometry.values, dtype=object), gdf["class_id"].to_numpy().astype(np.int64)
-
-
-# ------------------------------------------------------------------------------------------ merging
-
-
-def _grid_key(crs, transform, ref) -> bool:
-    """Does a grid line up with ``ref`` (crs, transform): same CRS, pixel size, rotation, whole-pixel offset?"""
-    rcrs, rt = ref
-    if not crs.equals(rcrs) or not np.allclose([transform.a, transform.b, transform.d, transform.e],
-                                                [rt.a, rt.b, rt.d, rt.e], rtol=1e-9, atol=0):
-        return False
-    col, row = ~rt @ (transform.c, transform.f)
-    return abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6
-
-
-def _to_pixels(geoms, transform):
-    """Geometries in whole pixel-corner coordinates of ``transform``'s grid (exact small integers)."""
-    import shapely
-
-    inv = ~transform
-
-    def px(xy: np.ndarray) -> np.ndarray:
-        return np.column_stack([np.round(inv.a * xy[:, 0] + inv.b * xy[:, 1] + inv.c),
-                                np.round(inv.d * xy[:, 0] + inv.e * xy[:, 1] + inv.f)])
-
-    return shapely.transform(geoms, px)
-
-
-def _to_map(geoms, transform):
-    """Pixel-corner coordinates to map coordinates by the formula of ``vectorize.PolygonSet.map_coords``, so a
-    vertex gets the very bits it has in the scenes' own polygons."""
-    import shapely
-
-    t = transform
-
-    def fwd(xy: np.ndarray) -> np.ndarray:
-        c, r = xy[:, 0], xy[:, 1]
-        return np.column_stack([t.a * c + t.b * r + t.c, t.d * c + t.e * r + t.f])
-
-    return shapely.transform(geoms, fwd)
-
-
-def merge_across_scenes(geoms, class_ids, scene_idx, extents, *, tol: float):
-    """Union polygons of one class from different scenes that share an edge across a scene border.
-
-    ``extents[i]`` is scene i's (xmin, ymin, xmax, ymax); only polygons reaching their scene's border (within
-    ``tol``) are candidates. Returns (geoms, class ids, list of scene-index sets, polygons removed by merging).
-    """
-    import shapely
-
-    n = len(geoms)
-    members = [{int(s)} for s in scene_idx]
-    if n == 0 or len(extents) < 2:
-        return geoms, class_ids, members, 0
-    b = shapely.bounds(geoms)
-    ext = np.asarray(extents)[scene_idx]
-    border = ((np.abs(b[:, 0] - ext[:, 0]) < tol) | (np.abs(b[:, 1] - ext[:, 1]) < tol)
-              | (np.abs(b[:, 2] - ext[:, 2]) < tol) | (np.abs(b[:, 3] - ext[:, 3]) < tol))
-    cand = np.flatnonzero(border)
-    if len(cand) < 2:
-        return geoms, class_ids, members, 0
-    tree = shapely.STRtree(geoms[cand])
-    left, right = tree.query(geoms[cand], predicate="intersects")
-    keep = (left < right) & (class_ids[cand[left]] == class_ids[cand[right]]) \
-        & (scene_idx[cand[left]] != scene_idx[cand[right]])
-    left, right = cand[left[keep]], cand[right[keep]]
-    # shared edges only: a shared corner point does not join (4-connectivity)
-    if len(left):
-        shared = shapely.length(shapely.intersection(geoms[left], geoms[right])) > 0
-        left, right = left[shared], right[shared]
-    if not len(left):
-        return geoms, class_ids, members, 0
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in zip(left.tolist(), right.tolist()):
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    roots = np.array([find(i) for i in range(n)])
-    groups: dict[int, list[int]] = {}
-    for i in np.unique(np.r_[left, right]).tolist():
-        groups.setdefault(int(roots[i]), []).append(i)
-    drop = np.zeros(n, bool)
-    new_geoms, new_cls, new_members = [], [], []
-    for root, idx in groups.items():
-        if len(idx) < 2:
-            continue
-        u = shapely.union_all(geoms[idx])
-        for part in shapely.get_parts(shapely.simplify(u, 0)):  # drop the seam's collinear vertices
-            new_geoms.append(part)
-            new_cls.append(class_ids[root])
-            new_members.append(set().union(*(members[i] for i in idx)))
-        drop[idx] = True
-    keep_idx = np.flatnonzero(~drop)
-    out_geoms = np.concatenate([geoms[keep_idx], np.array(new_geoms, dtype=object)])
-    out_cls = np.concatenate([class_ids[keep_idx], np.array(new_cls, dtype=np.int64)])
-    out_members = [members[i] for i in keep_idx] + new_members
-    return out_geoms, out_cls, out_members, int(drop.sum()) - len(new_geoms)
-
-
-def _clip(geoms, class_ids, members, aoi):
-    """Clip to ``aoi``: polygon pieces only, each its own feature."""
-    import shapely
-
-    if aoi is None or not len(geoms):
-        return geoms, class_ids, members
-    shapely.prepare(aoi)
-    hit = shapely.intersects(aoi, geoms)
-    geoms, class_ids = geoms[hit], class_ids[hit]
-    members = [m for m, h in zip(members, hit) if h]
-    inside = shapely.contains_properly(aoi, geoms)
-    cut = np.flatnonzero(~inside)
-    if not len(cut):
-        return geoms, class_ids, members
-    pieces = shapely.intersection(geoms[cut], aoi)
-    parts, src = shapely.get_parts(pieces, return_index=True)
-    poly = (shapely.get_type_id(parts) == 3) & (shapely.area(parts) > 0)
-    parts, src = parts[poly], cut[src[poly]]
-    keep = np.flatnonzero(inside)
-    out_geoms = np.concatenate([geoms[keep], parts])
-    out_cls = np.concatenate([class_ids[keep], class_ids[src]])
-    out_members = [members[i] for i in keep] + [members[i] for i in src]
-    return out_geoms, out_cls, out_members
-
-
 # ------------------------------------------------------------------------------------------ export
 
 
@@ -470,7 +223,7 @@ def export_run(
     class_names, palette = model_classes(scenes)
     keep_ids = parse_classes(classes, class_names)
     target = parse_crs(crs)
-    grids = [_scene_grid(s) for s in scenes]
+    grids = [scene_grid(s) for s in scenes]
     if target is None:
         first = grids[0][0]
         if not all(g[0].equals(first) for g in grids):
@@ -483,7 +236,7 @@ def export_run(
     groups: list[list[int]] = []
     for i, (c, t, _) in enumerate(grids):
         for g in groups:
-            if _grid_key(c, t, (grids[g[0]][0], grids[g[0]][1])):
+            if same_grid(c, t, (grids[g[0]][0], grids[g[0]][1])):
                 g.append(i)
                 break
         else:
@@ -508,7 +261,7 @@ def export_run(
                 if aoi_g is not None and not shapely.intersects(aoi_g, shapely.box(*extent)):
                     continue
                 bbox = None if aoi_g is None else aoi_g.bounds
-                gi, ci = _read_polygons(scenes[i], storage, bbox, work)
+                gi, ci = read_polygons(scenes[i], storage, bbox, work)
                 geoms.append(gi)
                 cls.append(ci)
                 sidx.append(np.full(len(gi), k, np.int64))
@@ -523,13 +276,13 @@ def export_run(
                     gt * Affine.translation(c_min, r_min)
                 px_ext = [(c - c_min, r - r_min, c - c_min + grids[i][2][1], r - r_min + grids[i][2][0])
                           for i, (c, r) in zip(g, offs)]
-                px, cc, mem, m = merge_across_scenes(_to_pixels(gg, ref), cc, ss, px_ext, tol=0.5)
-                gg = _to_map(px, ref)
+                px, cc, mem, m = merge_across_scenes(to_pixels(gg, ref), cc, ss, px_ext, tol=0.5)
+                gg = to_map(px, ref)
                 merged += m
             else:
                 mem = [{int(s)} for s in ss]
             mem = [{g[k] for k in m} for m in mem]  # group-local -> run scene indexes
-            gg, cc, mem = _clip(gg, cc, mem, aoi_g)
+            gg, cc, mem = clip_to_aoi(gg, cc, mem, aoi_g)
             area = geometry_areas_m2(gg, gcrs, densify=max(abs(gt.a), abs(gt.e)) * 64)
             all_geoms.append(_transform_geom(gg, gcrs, target, densify=None if gcrs.equals(target) else
                                              max(abs(gt.a), abs(gt.e)) * 16))
@@ -544,8 +297,7 @@ def export_run(
 
         # the class-area table: every class (percent of the valid area in the AOI), then the selection
         valid_m2 = float(area.sum())
-        label = {c: (class_names[c] if c < len(class_names) and class_names[c] else f"class_{c}")
-                 for c in np.unique(cls).tolist()}
+        label = {c: class_label(class_names, c) for c in np.unique(cls).tolist()}
         sel = np.ones(len(geoms), bool)
         if keep_ids is not None:
             sel &= np.isin(cls, keep_ids)
@@ -588,14 +340,13 @@ def _model_of(scenes, members):
 
 
 def _feature_columns(geoms, cls, area, members, class_names, scenes, valid_m2, dissolve) -> dict[str, np.ndarray]:
-    names = np.array([class_names[c] if c < len(class_names) and class_names[c] else f"class_{c}" for c in cls],
-                     dtype=object)
+    names = np.array([class_label(class_names, c) for c in cls], dtype=object)
     model, version = _model_of(scenes, members)
     return {
         "class_id": cls.astype(np.int32),
         "class_name": names,
         "area_m2": np.round(area, 3),
-        "area_ha": np.round(area / 1e4, 6),
+        "area_ha": np.round(area / M2_PER_HA, 6),
         "scenes": np.array([";".join(scenes[i].name for i in sorted(m)) for m in members], dtype=object),
         "model": model,
         "model_ver": version,
@@ -620,7 +371,7 @@ def _dissolve(geoms, cls, area, members, columns, class_names, scenes, valid_m2,
         rows["class_id"].append(c)
         rows["class_name"].append(columns["class_name"][idx[0]])
         rows["area_m2"].append(round(a, 3))
-        rows["area_ha"].append(round(a / 1e4, 6))
+        rows["area_ha"].append(round(a / M2_PER_HA, 6))
         rows["percent"].append(round(100 * a / valid_m2, 6) if valid_m2 else 0.0)
         rows["scenes"].append(";".join(scenes[i].name for i in sorted(set().union(*(members[j] for j in idx)))))
         rows["model"].append(columns["model"][idx[0]])

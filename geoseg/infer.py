@@ -17,9 +17,9 @@ import torch
 from rasterio.windows import Window
 
 from geoseg._memory import release_free_memory
+from geoseg.conventions import NODATA
 from geoseg.errors import ConfigError
 from geoseg.grid import Block
-from geoseg.write.cog import NODATA
 
 __all__ = ["select_device", "default_batch_size", "Predictor", "BlockPrediction", "NODATA"]
 
@@ -40,9 +40,8 @@ def select_device(requested: str = "auto") -> torch.device:
 def default_batch_size(device: torch.device) -> int:
     """Tiles per forward pass when the config leaves it open.
 
-    A GPU needs batches to fill it. On CPU a batch buys nothing: measured with Dynamic World on 320 x 320 tiles,
-    four single-tile passes took 0.82x the time of one pass of four (cache locality), and the pass's transient
-    memory grows with the batch (212 MiB for one tile, 520 MiB for four, 945 MiB for eight).
+    A GPU needs batches to fill it. On CPU a batch buys nothing: single tiles are faster (cache locality) and a
+    pass's transient memory grows with the batch (numbers in benchmarks/README.md).
     """
     return 8 if device.type == "cuda" else 1
 

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from geoseg.config import StorageConfig
-from geoseg.io import store
+from geoseg.conventions import NODATA
+from geoseg.io import raster, store
 
 log = logging.getLogger("geoseg")
 
@@ -42,7 +43,6 @@ __all__ = ["write_scene_report", "write_run_report", "build_reports", "render_pr
 MAX_PREVIEW_PX = 1024  # longest side of a preview picture
 MAX_BACKDROP_PX = 16_000_000  # an input without overviews larger than this is not read for the backdrop
 MASK_ALPHA = 0.55
-NODATA = 255
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1100px;color:#222;
@@ -235,7 +235,7 @@ def _backdrop(record, shape, out_shape, storage, notes) -> np.ndarray | None:
     if not path:
         return None
     try:
-        with store.open_raster(path, storage) as src:
+        with raster.open_raster(path, storage) as src:
             if (src.height, src.width) != tuple(shape):
                 notes.append(f"input {path} no longer matches the mask's size; preview without backdrop")
                 return None
@@ -418,7 +418,7 @@ def write_scene_report(
     mask = mask or record.get("outputs", {}).get("mask")
     preview, notes = None, []
     if mask:
-        with store.open_raster(str(mask), storage) as ds:
+        with raster.open_raster(str(mask), storage) as ds:
             preview, notes = render_preview(ds, record, storage=storage)
     written = {}
     if preview is not None:
@@ -467,7 +467,7 @@ def _mosaic_preview(scenes, storage, max_px: int = MAX_PREVIEW_PX) -> tuple[byte
         if not mask or not store.exists(mask, storage):
             notes.append(f"{s.name}: mask.tif missing, left out of the mosaic")
             continue
-        with store.open_raster(mask, storage) as ds:
+        with raster.open_raster(mask, storage) as ds:
             png, n = render_preview(ds, s.record, storage=storage, max_px=max(r1 - r0, c1 - c0), scale_bar=False,
                                     min_px=1)
         notes.extend(f"{s.name}: {x}" for x in n)
@@ -547,7 +547,7 @@ def run_report_html(scenes, preview_png: bytes | None, notes: Sequence[str] = ()
 
 def write_run_report(run: str, storage: StorageConfig | None = None, *, scenes=None) -> str:
     """(Re)write ``<run>/report.html`` from the finished scenes of ``run`` (local or ``s3://``); returns its path."""
-    from geoseg.export import find_scenes
+    from geoseg.runs import find_scenes
 
     storage = storage or StorageConfig()
     scenes = scenes if scenes is not None else find_scenes(run, storage)
@@ -564,7 +564,7 @@ def write_run_report(run: str, storage: StorageConfig | None = None, *, scenes=N
 def build_reports(run: str, storage: StorageConfig | None = None) -> list[str]:
     """``geoseg report RUN_DIR``: every scene's report.html + preview.png, then the run's report.html (a run of
     one scene given as the scene directory gets its scene page only). Returns the pages written."""
-    from geoseg.export import find_scenes
+    from geoseg.runs import find_scenes
 
     storage = storage or StorageConfig()
     scenes = find_scenes(run, storage)
@@ -577,7 +577,7 @@ def build_reports(run: str, storage: StorageConfig | None = None) -> list[str]:
                 from geoseg.areas import mask_class_areas
 
                 names = [c["name"] for c in sorted(_classes(rec), key=lambda c: c["id"])]
-                with store.open_raster(s.output("mask"), storage) as ds:
+                with raster.open_raster(s.output("mask"), storage) as ds:
                     rec = dict(rec, class_areas=mask_class_areas(ds, names, nodata=NODATA))
             rec = dict(rec, outputs={k: store.join(s.dir, _rel(v)) for k, v in rec.get("outputs", {}).items()})
             d = work / s.name

@@ -14,7 +14,7 @@ import rasterio
 import torch
 import torch.nn.functional as F
 
-from geoseg.models import GeoModel, load_model
+from geoseg.models import GeoModel
 from geoseg.models._exact import simd_inplace
 from geoseg.models.dynamic_world import antialias_downsample2, bilinear_upsample2
 
@@ -22,8 +22,8 @@ REFERENCE = Path(__file__).parent / "data" / "dw_reference.npz"
 
 
 @pytest.fixture(scope="module")
-def dw() -> GeoModel:
-    return load_model("dynamic-world")
+def dw(dw_model) -> GeoModel:
+    return dw_model  # the session's one loaded Dynamic World (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ def test_dynamic_world_card_and_module():
     assert isinstance(m, GeoModel)
     card = m.card
     assert card.bands == ["B2", "B3", "B4", "B5", "B6", "B7", "B8", "B11", "B12"]
-    assert (card.gsd_m, card.output_stride, card.halo_px, card.nodata_value) == (10.0, 2, 32, 255)
+    assert (card.gsd_m, card.output_stride, card.halo_px) == (10.0, 2, 32)
     assert card.class_names == [
         "water",
         "trees",

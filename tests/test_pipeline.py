@@ -16,14 +16,13 @@ import rasterio
 import torch
 
 from geoseg.api import predict
-from geoseg.models import load_model
 
 DW_BANDS = [2, 3, 4, 5, 6, 7, 8, 12, 13]
 
 
 @pytest.fixture(scope="module")
-def dw():
-    return load_model("dynamic-world")
+def dw(dw_model):
+    return dw_model  # the session's one loaded Dynamic World (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,11 +50,24 @@ def test_ray_outputs_identical(tmp_path, s2_chip, dw_model, ray_local, reference
 def test_logical_gpu_scheduling(tmp_path, s2_chip, dw_model, ray_local, reference):
     """Two actors share the one logical GPU (0.5 each); without CUDA the model falls back to the CPU."""
     seen = []
+    gpu_free = []
+
+    def on_result(result):
+        seen.append(result)
+        gpu_free.append(ray_local.available_resources().get("GPU", 0.0))  # while both actors are alive
+
+    assert ray_local.cluster_resources().get("GPU") == 1
     (rec,) = _run(s2_chip, tmp_path, dw_model, "runtime.engine=ray", "runtime.workers=2",
                   "runtime.num_gpus_per_worker=0.5", "runtime.cpus_per_worker=0.5", "tiling.block_px=256",
-                  on_result=seen.append)
+                  on_result=on_result)
     assert _outputs(rec)["mask"] == reference["mask"]
     assert len(seen) == 4
+    # Both halves of the one GPU were held at once: two actors shared it.
+    assert gpu_free and max(gpu_free) < 1e-9, gpu_free
+    deadline = time.monotonic() + 10
+    while ray_local.available_resources().get("GPU") != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray_local.available_resources().get("GPU") == 1  # and given back after the job
 
 
 def test_many_scenes_share_one_pool(tmp_path, s2_chip, dw_model, ray_local, reference):

@@ -16,7 +16,8 @@ from rasterio.windows import Window
 
 from geoseg.config import StorageConfig
 from geoseg.errors import GeosegError, InputError, StorageError
-from geoseg.io import store
+from geoseg.io import raster, store
+from geoseg.io import s3 as s3io
 from geoseg.io.store import AccessDeniedError, EndpointUnreachableError, ObjectNotFoundError
 
 if TYPE_CHECKING:
@@ -78,23 +79,23 @@ def test_paths() -> None:
 def test_gdal_options(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    opts = store.gdal_env_options(StorageConfig(endpoint_url="http://127.0.0.1:9000", path_style=True,
+    opts = s3io.gdal_env_options(StorageConfig(endpoint_url="http://127.0.0.1:9000", path_style=True,
                                                 anonymous=True, region="eu-west-1", max_retries=2))
     assert opts["AWS_S3_ENDPOINT"] == "127.0.0.1:9000" and opts["AWS_HTTPS"] == "NO"
     assert opts["AWS_VIRTUAL_HOSTING"] == "FALSE" and opts["AWS_NO_SIGN_REQUEST"] == "YES"
     assert opts["AWS_REGION"] == "eu-west-1" and opts["GDAL_HTTP_MAX_RETRY"] == "2"
     assert opts["GDAL_DISABLE_READDIR_ON_OPEN"] == "EMPTY_DIR" and ".tif" in opts["CPL_VSIL_CURL_ALLOWED_EXTENSIONS"]
-    plain = store.gdal_env_options(StorageConfig())
+    plain = s3io.gdal_env_options(StorageConfig())
     assert "AWS_S3_ENDPOINT" not in plain and "AWS_NO_SIGN_REQUEST" not in plain
     monkeypatch.setenv("AWS_ENDPOINT_URL", "https://minio.example.org")
-    assert store.gdal_env_options()["AWS_S3_ENDPOINT"] == "minio.example.org"
-    assert store.gdal_env_options()["AWS_HTTPS"] == "YES"
-    assert "AWS_VIRTUAL_HOSTING" not in store.gdal_env_options()  # a DNS name can take bucket subdomains
+    assert s3io.gdal_env_options()["AWS_S3_ENDPOINT"] == "minio.example.org"
+    assert s3io.gdal_env_options()["AWS_HTTPS"] == "YES"
+    assert "AWS_VIRTUAL_HOSTING" not in s3io.gdal_env_options()  # a DNS name can take bucket subdomains
     for local in ("http://127.0.0.1:9000", "http://localhost:9000", "http://[::1]:9000"):
-        assert store.gdal_env_options(StorageConfig(endpoint_url=local))["AWS_VIRTUAL_HOSTING"] == "FALSE"
+        assert s3io.gdal_env_options(StorageConfig(endpoint_url=local))["AWS_VIRTUAL_HOSTING"] == "FALSE"
     # Options may be logged: they never hold a credential, even with credentials in the environment.
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    assert SECRET_KEY not in repr(store.gdal_env_options(StorageConfig(endpoint_url="http://h:1")))
+    assert SECRET_KEY not in repr(s3io.gdal_env_options(StorageConfig(endpoint_url="http://h:1")))
 
 
 def test_redact(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,7 +103,7 @@ def test_redact(monkeypatch: pytest.MonkeyPatch) -> None:
     text = ("failed s3cr3t-value https://u:pw@host/x?X-Amz-Signature=abcdef0123&X-Amz-Credential=AKIAX%2F2024 "
             "Credential=AKIAXYZ/20240101/us-east-1/s3/aws4_request, Signature=" + "ab" * 32)
     text += " <Error><AWSAccessKeyId>AKIAPROFILEKEY123456</AWSAccessKeyId><StringToSign>AWS4 x</StringToSign>"
-    out = store.redact(text)
+    out = s3io.redact(text)
     for leak in ("s3cr3t-value", "u:pw@", "abcdef0123", "AKIAX", "ab" * 32, "AKIAPROFILEKEY123456", "AWS4 x"):
         assert leak not in out
 
@@ -124,17 +125,17 @@ def test_open_raster_windows_match_local(bucket: str, storage: StorageConfig, s2
         want = [local.read(window=w) for w in windows]
         profile = local.profile
     for url in (f"s3://{bucket}/scenes/chip.tif", f"s3://{bucket}/scenes/chip_b.TIFF", f"s3://{bucket}/chip-noext"):
-        with store.open_raster(url, storage) as ds:
+        with raster.open_raster(url, storage) as ds:
             assert ds.profile == profile
             for w, expected in zip(windows, want, strict=True):
                 np.testing.assert_array_equal(ds.read(window=w), expected)
-    with store.open_raster(s2_chip) as ds:  # local paths through the same door
+    with raster.open_raster(s2_chip) as ds:  # local paths through the same door
         np.testing.assert_array_equal(ds.read(window=windows[0]), want[0])
 
 
 def test_pickled_filesystem_works_in_a_worker(bucket: str, storage: StorageConfig) -> None:
     # Ray ships the filesystem (or just the StorageConfig) to workers: it must rebuild from its arguments.
-    fs = pickle.loads(pickle.dumps(store.filesystem(storage)))
+    fs = pickle.loads(pickle.dumps(s3io.filesystem(storage)))
     assert fs.exists(f"{bucket}/scenes/chip.tif")
     assert pickle.loads(pickle.dumps(storage)) == storage
 
@@ -170,7 +171,7 @@ def test_one_cog_block_costs_a_few_ranged_requests(
 
     with CountingProxy(s3_server.endpoint_url) as proxy:
         counted = s3_server.storage_config(endpoint_url=proxy.endpoint_url)
-        with store.open_raster(f"s3://{bucket}/cog/big.tif", counted) as ds:
+        with raster.open_raster(f"s3://{bucket}/cog/big.tif", counted) as ds:
             assert ds.block_shapes[0] == (256, 256)
             got = ds.read(window=block)
             time.sleep(0.05)  # the proxy records a request just after answering it
@@ -304,7 +305,7 @@ def test_multipart_publish_is_invisible_until_complete(
     src.write_bytes(data)
     dest_key = "atomic/big.bin"
     s3 = s3_server.client()
-    fs = store.filesystem(storage)
+    fs = s3io.filesystem(storage)
     real_call = fs._call_s3
     seen: list[tuple[str, bool]] = []
 
@@ -329,7 +330,7 @@ def test_failed_upload_leaves_nothing(
     monkeypatch.setattr(store, "MULTIPART_PART_SIZE", 5 * 2**20)
     src = tmp_path / "big.bin"
     src.write_bytes(os.urandom(12 * 2**20))
-    fs = store.filesystem(storage)
+    fs = s3io.filesystem(storage)
     real_call = fs._call_s3
     parts = []
 
@@ -356,11 +357,11 @@ def test_failed_upload_leaves_nothing(
 
 def test_missing_bucket_and_key(bucket: str, storage: StorageConfig) -> None:
     with pytest.raises(InputError) as exc:
-        with store.open_raster("s3://no-such-bucket-x/scene.tif", storage):
+        with raster.open_raster("s3://no-such-bucket-x/scene.tif", storage):
             pass
     assert "bucket 'no-such-bucket-x' does not exist" in assert_clean(exc.value)
     with pytest.raises(InputError) as exc:
-        with store.open_raster(f"s3://{bucket}/scenes/missing.tif", storage):
+        with raster.open_raster(f"s3://{bucket}/scenes/missing.tif", storage):
             pass
     msg = assert_clean(exc.value)
     assert f"s3://{bucket}/scenes/missing.tif" in msg and "not found" in msg
@@ -371,19 +372,19 @@ def test_missing_bucket_and_key(bucket: str, storage: StorageConfig) -> None:
         store.write_bytes("s3://no-such-bucket-x/run.json", b"{}", storage)
     assert "bucket 'no-such-bucket-x' does not exist" in assert_clean(exc2.value)
     with pytest.raises(InputError, match="input raster not found"):
-        with store.open_raster("/nonexistent/scene.tif"):
+        with raster.open_raster("/nonexistent/scene.tif"):
             pass
 
 
 def test_not_a_raster(bucket: str, storage: StorageConfig) -> None:
     for key in ("bad/fake.tif", "scenes/notes.txt"):
         with pytest.raises(InputError) as exc:
-            with store.open_raster(f"s3://{bucket}/{key}", storage):
+            with raster.open_raster(f"s3://{bucket}/{key}", storage):
                 pass
         msg = assert_clean(exc.value)
         assert f"s3://{bucket}/{key}" in msg and "not a readable raster" in msg
     with pytest.raises(InputError, match="is a prefix"):
-        with store.open_raster(f"s3://{bucket}/scenes", storage):
+        with raster.open_raster(f"s3://{bucket}/scenes", storage):
             pass
 
 
@@ -405,7 +406,7 @@ def test_access_denied(s3_server: S3Server, bucket: str, storage: StorageConfig,
     try:
         with s3_server.enforce_auth():
             with pytest.raises(AccessDeniedError) as exc:
-                with store.open_raster(url, storage):
+                with raster.open_raster(url, storage):
                     pass
             msg = assert_clean(exc.value)
             assert url in msg and "access denied" in msg and secret not in msg and key not in msg
@@ -435,7 +436,7 @@ def test_unreachable_endpoint_fails_fast_with_a_clear_message(monkeypatch: pytes
     dead = StorageConfig(endpoint_url=endpoint, path_style=True, max_retries=1)
     t0 = time.monotonic()
     with pytest.raises(EndpointUnreachableError) as exc:
-        with store.open_raster("s3://any-bucket/scene.tif", dead):
+        with raster.open_raster("s3://any-bucket/scene.tif", dead):
             pass
     msg = assert_clean(exc.value)
     assert endpoint in msg and "after 1 retry" in msg and "s3://any-bucket/scene.tif" in msg
@@ -465,7 +466,7 @@ def test_anonymous_requests_are_unsigned(s3_server: S3Server, bucket: str, s2_ch
     s3.put_object(Bucket=public, Key="notes.txt", Body=b"hello", ACL="public-read")
     with CountingProxy(s3_server.endpoint_url) as proxy:
         anon = s3_server.storage_config(endpoint_url=proxy.endpoint_url, anonymous=True)
-        with store.open_raster(f"s3://{public}/scenes/chip.tif", anon) as ds:
+        with raster.open_raster(f"s3://{public}/scenes/chip.tif", anon) as ds:
             assert ds.read(1, window=Window(0, 0, 64, 64)).shape == (64, 64)
         assert store.read_bytes(f"s3://{public}/notes.txt", anon) == b"hello"
         assert store.expand_inputs([f"s3://{public}/scenes/*.tif"], anon) == [f"s3://{public}/scenes/chip.tif"]
@@ -488,14 +489,14 @@ def test_object_vanishing_mid_read_is_named(s3_server: S3Server, bucket: str, st
     s3.put_object(Bucket=bucket, Key="mid/chip.tif", Body=s2_chip.read_bytes())
     url = f"s3://{bucket}/mid/chip.tif"
     with pytest.raises(InputError) as exc:
-        with store.open_raster(url, storage) as ds:
+        with raster.open_raster(url, storage) as ds:
             ds.read(1, window=Window(0, 0, 64, 64))
             s3.delete_object(Bucket=bucket, Key="mid/chip.tif")
             ds.read(13)  # a strip not fetched yet
     assert url in assert_clean(exc.value) and "not found" in str(exc.value)
     # A rasterio error that is not about this dataset passes through unchanged.
     with pytest.raises(rasterio.errors.RasterioIOError, match="elsewhere.tif"):
-        with store.open_raster(s2_chip):
+        with raster.open_raster(s2_chip):
             rasterio.open(tmp_path / "elsewhere.tif")
 
 
@@ -503,7 +504,7 @@ def test_endpoint_from_environment(s3_server: S3Server, bucket: str, monkeypatch
     """No storage config at all: AWS_ENDPOINT_URL (as a scheduler would set it) is enough, GDAL and s3fs alike."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
     url = f"s3://{bucket}/scenes/chip.tif"
-    with store.open_raster(url) as ds:
+    with raster.open_raster(url) as ds:
         assert ds.count == 13
     assert store.read_bytes(f"s3://{bucket}/scenes/notes.txt") == b"not a raster"
     assert store.expand_inputs([f"s3://{bucket}/scenes/*.tif"]) == [url]

@@ -156,7 +156,6 @@ def dynamic_world_card():  # -> geoseg.models.ModelCard (imported late: the --du
         normalization={"name": "dynamic_world_log_sigmoid", "params": {"percentiles": percentiles}},
         gsd_m=10.0,
         classes=[{"id": i, "name": n, "color": c} for i, (n, c) in enumerate(classes)],
-        nodata_value=255,
         output_stride=2,
         # Measured: tiles with >= 22 px of halo equal whole-image inference bit for bit (see
         # tests/test_dynamic_world.py); 32 keeps a margin and a multiple of the stride.

@@ -147,7 +147,7 @@ class InferenceActor:
         import torch
 
         torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor, no more
-        self.settings = (device, batch_size, autocast)
+        self.settings = (device, batch_size, autocast)  # for the Predictor, built with the first block
         self.predictor = None
 
     def _predictor(self, model_box: list):
@@ -189,9 +189,8 @@ def _finish(plan: ScenePlan, row: int, col: int, result: BlockResult | None, cfg
 
 
 # One malloc arena: torch's intra-op threads otherwise each keep an arena whose freed activation buffers of every
-# tile shape seen stay resident, so the actor's peak crept up with the run's length (measured in-process over
-# 16 blocks: 405 -> 434 MiB with the default, 416 -> 415 MiB with one arena, at the same speed). Not an mmap
-# threshold: unmapping every activation made each forward pass 25% slower (page faults).
+# tile shape seen stay resident, so the actor's peak crept up with the run's length. Not an mmap threshold:
+# unmapping every activation made each forward pass slower (page faults). Numbers: benchmarks/README.md.
 _WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 

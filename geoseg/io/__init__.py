@@ -1,43 +1,4 @@
-"""Input/output plumbing: local paths and ``s3://`` URLs behind one API (see ``geoseg.io.store``)."""
-
-from geoseg.io.store import (
-    AccessDeniedError,
-    EndpointUnreachableError,
-    ObjectNotFoundError,
-    exists,
-    expand_inputs,
-    filesystem,
-    gdal_env_options,
-    is_s3,
-    join,
-    list_dir,
-    open_raster,
-    publish_file,
-    raster_env,
-    read_bytes,
-    redact,
-    remove,
-    remove_tree,
-    write_bytes,
-)
-
-__all__ = [
-    "AccessDeniedError",
-    "EndpointUnreachableError",
-    "ObjectNotFoundError",
-    "exists",
-    "expand_inputs",
-    "filesystem",
-    "gdal_env_options",
-    "is_s3",
-    "join",
-    "list_dir",
-    "open_raster",
-    "publish_file",
-    "raster_env",
-    "read_bytes",
-    "redact",
-    "remove",
-    "remove_tree",
-    "write_bytes",
-]
+"""Input/output plumbing, one module per subject: ``store`` (local paths and ``s3://`` URLs behind one API:
+listing, reading, publishing), ``s3`` (endpoint, GDAL options, s3fs, error mapping), ``raster`` (the one
+reader: open, validate, windowed reads, the per-worker dataset cache), ``contract`` (the model's input
+contract)."""

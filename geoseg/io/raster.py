@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -38,7 +39,6 @@ class RasterInfo:
     transform: Affine
     nodata: float | None
     descriptions: tuple[str | None, ...]
-    driver: str
 
     @property
     def resolution(self) -> tuple[float, float]:
@@ -51,29 +51,53 @@ class RasterInfo:
 
 
 @contextlib.contextmanager
-def open_raster(path: str, storage: StorageConfig | None = None) -> Iterator[rasterio.DatasetReader]:
-    """Open ``path`` for reading (local or ``s3://``), turning GDAL failures into an ``InputError``."""
-    from geoseg.io import store  # the storage layer knows S3 endpoints and GDAL's network options
+def open_raster(path: str | os.PathLike[str], storage: StorageConfig | None = None,
+                **kwargs) -> Iterator[rasterio.DatasetReader]:
+    """Open a local raster or an ``s3://`` object for windowed reading (the one way geoseg opens rasters)::
+
+        with open_raster("s3://bucket/scene.tif", storage) as ds:
+            block = ds.read(window=Window(0, 0, 256, 256))
+
+    A context manager, not a bare dataset: for S3 the GDAL options (``geoseg.io.s3.raster_env``) must stay
+    active while reading. Failures opening or reading become one ``InputError`` (missing, not a raster, corrupt)
+    or ``StorageError`` (denied, unreachable) naming the path. ``kwargs`` go to ``rasterio.open``.
+    """
+    from geoseg.io import s3
 
     storage = storage or StorageConfig()
-    if store.is_s3(path):
-        with store.open_raster(path, storage) as src:
-            yield src
-        return
-    try:
-        src = rasterio.open(path)
-    except RasterioIOError as e:
-        import os
+    path = os.fspath(path)
+    remote = s3.is_s3(path)
+    env = s3.raster_env(storage, path) if remote else contextlib.nullcontext()
+    with env:
+        try:
+            ds = rasterio.open(s3.vsis3(path) if remote else path, **kwargs)
+        except RasterioError as e:
+            raise _open_error(path, storage, e) from None
+        with ds:
+            try:
+                yield ds
+            except RasterioIOError as e:
+                # A read of this dataset failing mid-way (connection lost, object deleted, corrupt tile). Errors
+                # that do not name it (a rasterio write in the caller's block, say) pass through untouched.
+                if os.path.basename(path.rstrip("/")) not in s3.gdal_messages(e):
+                    raise
+                raise _open_error(path, storage, e, opened=True) from None
 
-        if not os.path.exists(path):
-            raise InputError(f"{path}: file not found") from None
-        if os.path.isdir(path):
-            raise InputError(f"{path}: is a directory, not a raster") from None
-        raise InputError(f"{path}: not a readable raster ({_gdal_reason(e)})") from None
-    except RasterioError as e:
-        raise InputError(f"{path}: not a readable raster ({_gdal_reason(e)})") from None
-    with src:
-        yield src
+
+def _open_error(path: str, storage: StorageConfig, e: BaseException, opened: bool = False) -> Exception:
+    from geoseg.io import s3
+
+    detail = s3.gdal_messages(e)
+    if s3.is_s3(path):
+        return s3.open_error(path, storage, detail, opened)  # asks the store itself what is wrong
+    detail = s3.redact(detail)
+    if not os.path.exists(path):
+        return InputError(f"{path}: input raster not found")
+    if os.path.isdir(path):
+        return InputError(f"{path}: is a directory, not a raster")
+    if opened:
+        return InputError(f"{path}: failed reading raster ({detail})")
+    return InputError(f"{path}: not a readable raster ({detail})")
 
 
 # A worker keeps its datasets open between blocks of the same file (one open per file, not per block: on S3
@@ -85,8 +109,6 @@ _MAX_OPEN = 4
 
 def cached_dataset(path: str, storage: StorageConfig | None = None) -> rasterio.DatasetReader:
     """This process's open dataset for ``path`` (opened through ``open_raster``), reused across calls."""
-    import os
-
     from geoseg.io import store
 
     key: tuple = (path,)
@@ -119,13 +141,9 @@ def _close(ds: rasterio.DatasetReader) -> None:
 
 def _gdal_reason(e: BaseException) -> str:
     """The most specific GDAL message: rasterio often says "see previous exception" and chains GDAL's."""
-    parts = []
-    while e is not None and len(parts) < 3:
-        msg = str(e).strip()
-        if msg and "See previous exception" not in msg:
-            parts.append(msg.splitlines()[0])
-        e = e.__cause__ or e.__context__
-    return "; ".join(parts) if parts else "read failed"
+    from geoseg.io import s3
+
+    return "; ".join(m.splitlines()[0] for m in s3.gdal_messages(e, limit=3).split("; ")) or "read failed"
 
 
 def inspect(src: rasterio.DatasetReader, path: str | None = None) -> RasterInfo:
@@ -170,7 +188,6 @@ def inspect(src: rasterio.DatasetReader, path: str | None = None) -> RasterInfo:
         transform=t,
         nodata=src.nodata,
         descriptions=tuple(src.descriptions),
-        driver=src.driver,
     )
 
 

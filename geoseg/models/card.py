@@ -179,7 +179,6 @@ class ModelCard(_Frozen):
     normalization: Normalization
     gsd_m: float = Field(gt=0, description="ground sample distance the model was trained at, metres")
     classes: list[ClassInfo] = Field(min_length=1)
-    nodata_value: int = Field(255, ge=0, le=255, description="class value written where input is nodata")
     output_stride: int = Field(ge=1, description="tiles must start on multiples of this many pixels")
     halo_px: int = Field(ge=0, description="context around a tile that makes tiled inference exact")
     # The input contract, checked for every scene before any compute (geoseg.io.contract).
@@ -213,8 +212,6 @@ class ModelCard(_Frozen):
             raise ValueError(f"classes: duplicate class ids {sorted({i for i in ids if ids.count(i) > 1})}")
         if max(ids) >= 255:
             raise ValueError(f"classes: class ids must be < 255 (255 is reserved for nodata); got {max(ids)}")
-        if self.nodata_value in ids:
-            raise ValueError(f"nodata_value {self.nodata_value} is also a class id")
         if len(set(self.bands)) != len(self.bands):
             raise ValueError(f"bands: duplicate band names in {self.bands}")
         for key, value in self.normalization.params.items():

@@ -197,7 +197,7 @@ class DynamicWorldNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = (x.shape[-2], x.shape[-1])
-        # oneDNN's convs run ~2x faster on NHWC than on NCHW (measured on CPU); results stay bit-stable per pixel.
+        # oneDNN's convs run faster on NHWC than on NCHW (benchmarks/README.md); results stay bit-stable per pixel.
         x = x.contiguous(memory_format=torch.channels_last)
         if _use_native(x):
             return self._forward_native(x, size)

@@ -19,6 +19,7 @@ whole mask: same polygons, same vertices, same ring starts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -154,6 +155,23 @@ class SeamMerger:
 
     def add(self, block: BlockPolygons) -> PolygonSet:
         """Merge one block; return the polygons (of any blocks) that are now final."""
+        b, bi, bj = self._register(block)
+        touch, corner_poly = self._touching(block, bi, bj)
+        keys = polygon_keys(block.coords, block.ring_offsets, block.poly_offsets, self.shape[1])
+        finals = []
+        idle = np.flatnonzero(~touch)
+        if len(idle):  # polygons on no internal edge are final at once
+            coords, ring_off, poly_off = take_ragged(block.coords, block.ring_offsets, block.poly_offsets, idle)
+            finals.append(PolygonSet(coords, ring_off, poly_off, block.class_ids[idle], keys[idle]))
+        candidates = self._hold(block, b, np.flatnonzero(touch), keys)
+        candidates |= self._join_sides(block, b, bi, bj)
+        candidates |= self._join_corners(block, b, bi, bj, corner_poly)
+        done = {r for r in (self._find(g) for g in candidates) if self._groups[r].pending == 0}
+        finals.extend(self._emit(sorted(done)))
+        return PolygonSet.concat(finals)
+
+    def _register(self, block: BlockPolygons) -> tuple[int, int, int]:
+        """Check and record a new block: (block number, block row, block column)."""
         if block.connectivity != self.connectivity:
             raise InputError(
                 f"block polygonized with connectivity {block.connectivity}, merger uses {self.connectivity}"
@@ -164,37 +182,34 @@ class SeamMerger:
             raise InputError(f"block {block.window} was added twice")
         self._seen.add(b)
         self._seen_per_row[bi] += 1
-        col_off, row_off, width, height = block.window
-        cols = self.shape[1]
+        return b, bi, bj
 
-        def neighbour(di: int, dj: int) -> int | None:
-            i, j = bi + di, bj + dj
-            return i * self._ncb + j if 0 <= i < self._nrb and 0 <= j < self._ncb else None
+    def _neighbour(self, bi: int, bj: int, di: int, dj: int) -> int | None:
+        """The block number across (di, dj), or None outside the raster."""
+        i, j = bi + di, bj + dj
+        return i * self._ncb + j if 0 <= i < self._nrb and 0 <= j < self._ncb else None
 
-        n_poly = len(block)
-        touch = np.zeros(n_poly, dtype=bool)
+    def _touching(self, block: BlockPolygons, bi: int, bj: int) -> tuple[np.ndarray, dict]:
+        """Which polygons touch an internal edge (or, for 8-connectivity, an internal corner), and the polygon at
+        each internal corner."""
+        touch = np.zeros(len(block), dtype=bool)
         for side, (di, dj) in SIDE_STEP.items():
-            if neighbour(di, dj) is not None:
+            if self._neighbour(bi, bj, di, dj) is not None:
                 touch |= (block.sides & side) != 0
         corner_poly: dict[tuple[int, int], int | None] = {}
         if self.connectivity == 8:
             for di, dj in CORNERS:
-                if neighbour(di, dj) is None:
+                if self._neighbour(bi, bj, di, dj) is None:
                     continue
                 p = self._corner_polygon(block, di, dj)
                 corner_poly[(di, dj)] = p
                 if p is not None:
                     touch[p] = True
+        return touch, corner_poly
 
-        keys = polygon_keys(block.coords, block.ring_offsets, block.poly_offsets, cols)
-        finals = []
-        idle = np.flatnonzero(~touch)
-        if len(idle):
-            coords, ring_off, poly_off = take_ragged(block.coords, block.ring_offsets, block.poly_offsets, idle)
-            finals.append(PolygonSet(coords, ring_off, poly_off, block.class_ids[idle], keys[idle]))
-
+    def _hold(self, block: BlockPolygons, b: int, touching: np.ndarray, keys: np.ndarray) -> set[int]:
+        """Keep the polygons that touch a seam until their group is complete; their global ids."""
         base = b << 32
-        touching = np.flatnonzero(touch)
         for p in touching.tolist():
             g = base | p
             r0, r1 = block.poly_offsets[p], block.poly_offsets[p + 1]
@@ -202,11 +217,15 @@ class SeamMerger:
             self._polys[g] = (int(block.class_ids[p]), block.coords[ro[0] : ro[-1]].copy(), np.diff(ro))
             self._parent[g] = g
             self._groups[g] = _Group(g, int(keys[p]))
-        candidates = set(base | p for p in touching.tolist())
+        return {base | p for p in touching.tolist()}
 
-        # Seams with each side's neighbour: join with a seen one, or leave open for an unseen one.
+    def _join_sides(self, block: BlockPolygons, b: int, bi: int, bj: int) -> set[int]:
+        """Seams with each side's neighbour: join with a seen one, or leave open for an unseen one. Returns the
+        groups that may have become complete."""
+        base = b << 32
+        candidates: set[int] = set()
         for side, (di, dj) in SIDE_STEP.items():
-            nb = neighbour(di, dj)
+            nb = self._neighbour(bi, bj, di, dj)
             if nb is None:
                 continue
             polys, start, end = block.seams[side]
@@ -224,8 +243,14 @@ class SeamMerger:
                 self._open_sides[(b, side)] = (gids, start, end, block.class_ids[polys])
                 for g in np.unique(gids).tolist():
                     self._groups[self._find(g)].pending += 1
+        return candidates
+
+    def _join_corners(self, block: BlockPolygons, b: int, bi: int, bj: int, corner_poly: dict) -> set[int]:
+        """8-connectivity: diagonal neighbours meet at block corners; same as ``_join_sides`` for corners."""
+        base = b << 32
+        candidates: set[int] = set()
         for (di, dj), p in corner_poly.items():
-            nb = neighbour(di, dj)
+            nb = self._neighbour(bi, bj, di, dj)
             mine = None if p is None else (base | p, int(block.class_ids[p]))
             if nb in self._seen:
                 other = self._open_corners.pop((nb, (-di, -dj)))
@@ -238,10 +263,7 @@ class SeamMerger:
                 self._open_corners[(b, (di, dj))] = mine
                 if mine is not None:
                     self._groups[self._find(mine[0])].pending += 1
-
-        done = {r for r in (self._find(g) for g in candidates) if self._groups[r].pending == 0}
-        finals.extend(self._emit(sorted(done)))
-        return PolygonSet.concat(finals)
+        return candidates
 
     def _corner_polygon(self, block: BlockPolygons, di: int, dj: int) -> int | None:
         """Local index of the polygon owning the block's corner pixel towards (di, dj), if any."""
@@ -334,16 +356,59 @@ def _merge_groups(
     """Rings (closed, GDAL orientation) of connected groups of block polygons -> each group's merged polygon.
 
     Per group: cut the rings at every vertex on a seam line or shared by several rings, cancel the seam unit
-    edges present in both directions, re-chain the pieces with GDAL's pinch rule (turn right), drop collinear
-    vertices, start each ring at its lowest (row, col) vertex. Vectorized over all groups at once (keys carry
-    the group); only the walk around the re-chained rings is a Python loop.
+    edges present in both directions (``_cut_rings``), re-chain the pieces with GDAL's pinch rule (turn right)
+    and drop collinear vertices (``_rechain``), start each ring at its lowest (row, col) vertex and order
+    them (``_order_rings``). Vectorized over all groups at once (keys carry the group); only the walk around
+    the re-chained rings is a Python loop.
 
     Returns (closed ring coords, ring lengths, rings per group); per group the exterior first, then the holes
     by start vertex.
     """
-    n_in = len(ring_lens)
     ring_lens = np.asarray(ring_lens, dtype=np.int64)
     ring_group = np.asarray(ring_group, dtype=np.int64)
+    pieces, whole = _cut_rings(ring_coords, ring_lens, ring_group, vseams, hseams)
+    out_coords: list[np.ndarray] = []
+    out_lens: list[np.ndarray] = []
+    out_group: list[np.ndarray] = []
+    if pieces.count:
+        coords, lens_c, group_c = _rechain(pieces)
+        out_coords.append(coords)
+        out_lens.append(lens_c)
+        out_group.append(group_c)
+    if len(whole):  # rings with no cut vertex are kept as they are
+        closed_off = _offsets(ring_lens)
+        out_coords.append(ring_coords[_ranges(closed_off[whole], ring_lens[whole])].astype(np.int64))
+        out_lens.append(ring_lens[whole])
+        out_group.append(ring_group[whole])
+    return _order_rings(np.concatenate(out_coords), np.concatenate(out_lens), np.concatenate(out_group), n_groups)
+
+
+@dataclass
+class _Pieces:
+    """Ring pieces after cutting: arcs (index ranges into ``vertices``) then surviving seam runs (two points
+    each, appended to ``vertices``); for each, its group, end points and first / last step directions."""
+
+    vertices: np.ndarray
+    group: np.ndarray
+    start_pt: np.ndarray
+    end_pt: np.ndarray
+    first_dir: np.ndarray
+    last_dir: np.ndarray
+    base: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+    modulo: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.group)
+
+
+def _cut_rings(ring_coords: np.ndarray, ring_lens: np.ndarray, ring_group: np.ndarray, vseams: np.ndarray,
+               hseams: np.ndarray) -> tuple[_Pieces, np.ndarray]:
+    """Cut every ring at seam vertices and at vertices several rings of its group share; drop the seam unit
+    edges present in both directions. Returns the pieces and the indices of rings with no cut."""
+    n_in = len(ring_lens)
     closed_off = _offsets(ring_lens)
     is_closing = np.zeros(len(ring_coords), dtype=bool)
     is_closing[closed_off[1:] - 1] = True
@@ -355,8 +420,7 @@ def _merge_groups(
     local = np.arange(len(V)) - roff[ring_of]
     nxt = np.arange(len(V)) + 1
     nxt[roff[1:] - 1] = roff[:-1]  # each ring's last vertex is followed by its first
-    gshift = 2 * COORD_BITS
-    gkey = (vgroup << gshift) | (V[:, 1] << COORD_BITS) | V[:, 0]
+    gkey = (vgroup << (2 * COORD_BITS)) | (V[:, 1] << COORD_BITS) | V[:, 0]
     onv = np.isin(V[:, 0], vseams)
     onh = np.isin(V[:, 1], hseams)
     # Vertices several rings of a group pass through are pinches whose pairing the blocks may have decided
@@ -384,69 +448,66 @@ def _merge_groups(
     a_end_idx = roff[a_ring] + (a_start + a_len) % lens[a_ring]
     a_last_idx = roff[a_ring] + (a_start + a_len - 1) % lens[a_ring]
     run_s, run_e, run_g = _surviving_seam_runs(P[seam], Q[seam], ring_group[cr[seam]])
+    n_run = len(run_s)
+    pieces = _Pieces(
+        vertices=np.concatenate([V, run_s]),
+        group=np.concatenate([ring_group[a_ring], run_g]),
+        start_pt=np.concatenate([V[ci[arc]], run_s]),
+        end_pt=np.concatenate([V[a_end_idx], run_e]),
+        first_dir=np.concatenate([np.sign(V[q_idx[arc]] - V[ci[arc]]), np.sign(run_e - run_s)]),
+        last_dir=np.concatenate([np.sign(V[a_end_idx] - V[a_last_idx]), np.sign(run_e - run_s)]),
+        base=np.concatenate([roff[a_ring], len(V) + np.arange(n_run)]),
+        start=np.concatenate([a_start, np.zeros(n_run, np.int64)]),
+        length=np.concatenate([a_len, np.ones(n_run, np.int64)]),
+        modulo=np.concatenate([lens[a_ring], np.ones(n_run, np.int64)]),
+    )
+    return pieces, whole
 
-    # All pieces: arcs (index ranges into V) then seam runs (two points each, appended to V as extra vertices).
-    n_arc, n_run = len(a_ring), len(run_s)
-    piece_group = np.concatenate([ring_group[a_ring], run_g])
-    start_pt = np.concatenate([V[ci[arc]], run_s])
-    end_pt = np.concatenate([V[a_end_idx], run_e])
-    first_dir = np.concatenate([np.sign(V[q_idx[arc]] - V[ci[arc]]), np.sign(run_e - run_s)])
-    last_dir = np.concatenate([np.sign(V[a_end_idx] - V[a_last_idx]), np.sign(run_e - run_s)])
-    base = np.concatenate([roff[a_ring], len(V) + np.arange(n_run)])
-    start = np.concatenate([a_start, np.zeros(n_run, np.int64)])
-    length = np.concatenate([a_len, np.ones(n_run, np.int64)])
-    modulo = np.concatenate([lens[a_ring], np.ones(n_run, np.int64)])
-    V2 = np.concatenate([V, run_s])
 
-    out_coords: list[np.ndarray] = []
-    out_lens: list[np.ndarray] = []
-    out_group: list[np.ndarray] = []
-    n_p = n_arc + n_run
-    if n_p:
-        # Successor of each piece: the piece starting where it ends; at a pinch (two such), the right turn.
-        skey = (piece_group << gshift) | (start_pt[:, 1] << COORD_BITS) | start_pt[:, 0]
-        ekey = (piece_group << gshift) | (end_pt[:, 1] << COORD_BITS) | end_pt[:, 0]
-        order = np.argsort(skey, kind="stable")
-        sorted_keys = skey[order]
-        lo = np.searchsorted(sorted_keys, ekey, side="left")
-        hi = np.searchsorted(sorted_keys, ekey, side="right")
-        if ((hi - lo) < 1).any() or ((hi - lo) > 2).any():
-            raise RuntimeError("seam merge found an unmatched ring piece; this is a bug")
-        c1 = order[lo]
-        c2 = order[np.minimum(lo + 1, n_p - 1)]
-        cross = last_dir[:, 0] * first_dir[c1, 1] - last_dir[:, 1] * first_dir[c1, 0]
-        succ = np.where((hi - lo == 1) | (cross > 0), c1, c2).tolist()
-        seen = bytearray(n_p)
-        walk: list[int] = []
-        cycle_len: list[int] = []
-        for i in range(n_p):
-            if seen[i]:
-                continue
-            j = i
-            n0 = len(walk)
-            while not seen[j]:
-                seen[j] = 1
-                walk.append(j)
-                j = succ[j]
-            if j != i:
-                raise RuntimeError("seam merge could not close a ring; this is a bug")
-            cycle_len.append(len(walk) - n0)
-        c = np.asarray(walk)
-        ln = length[c]
-        idx = np.repeat(base[c], ln) + _ranges(start[c], ln) % np.repeat(modulo[c], ln)
-        n_cyc = len(cycle_len)
-        vert_cycle = np.repeat(np.repeat(np.arange(n_cyc), cycle_len), ln)
-        coords, lens_c = _clean_rings(V2[idx], vert_cycle, n_cyc)
-        out_coords.append(coords)
-        out_lens.append(lens_c)
-        out_group.append(piece_group[c[_offsets(cycle_len)[:-1]]])
-    if len(whole):
-        out_coords.append(ring_coords[_ranges(closed_off[whole], ring_lens[whole])].astype(np.int64))
-        out_lens.append(ring_lens[whole])
-        out_group.append(ring_group[whole])
-    coords = np.concatenate(out_coords)
-    lens_out = np.concatenate(out_lens)
-    group_out = np.concatenate(out_group)
+def _rechain(pc: _Pieces) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chain pieces into closed rings: each piece's successor starts where it ends; at a pinch (two such), the
+    right turn. Returns (closed ring coords without collinear vertices, ring lengths, ring groups)."""
+    n_p = pc.count
+    gshift = 2 * COORD_BITS
+    skey = (pc.group << gshift) | (pc.start_pt[:, 1] << COORD_BITS) | pc.start_pt[:, 0]
+    ekey = (pc.group << gshift) | (pc.end_pt[:, 1] << COORD_BITS) | pc.end_pt[:, 0]
+    order = np.argsort(skey, kind="stable")
+    sorted_keys = skey[order]
+    lo = np.searchsorted(sorted_keys, ekey, side="left")
+    hi = np.searchsorted(sorted_keys, ekey, side="right")
+    if ((hi - lo) < 1).any() or ((hi - lo) > 2).any():
+        raise RuntimeError("seam merge found an unmatched ring piece; this is a bug")
+    c1 = order[lo]
+    c2 = order[np.minimum(lo + 1, n_p - 1)]
+    cross = pc.last_dir[:, 0] * pc.first_dir[c1, 1] - pc.last_dir[:, 1] * pc.first_dir[c1, 0]
+    succ = np.where((hi - lo == 1) | (cross > 0), c1, c2).tolist()
+    seen = bytearray(n_p)
+    walk: list[int] = []
+    cycle_len: list[int] = []
+    for i in range(n_p):
+        if seen[i]:
+            continue
+        j = i
+        n0 = len(walk)
+        while not seen[j]:
+            seen[j] = 1
+            walk.append(j)
+            j = succ[j]
+        if j != i:
+            raise RuntimeError("seam merge could not close a ring; this is a bug")
+        cycle_len.append(len(walk) - n0)
+    c = np.asarray(walk)
+    ln = pc.length[c]
+    idx = np.repeat(pc.base[c], ln) + _ranges(pc.start[c], ln) % np.repeat(pc.modulo[c], ln)
+    n_cyc = len(cycle_len)
+    vert_cycle = np.repeat(np.repeat(np.arange(n_cyc), cycle_len), ln)
+    coords, lens_c = _clean_rings(pc.vertices[idx], vert_cycle, n_cyc)
+    return coords, lens_c, pc.group[c[_offsets(cycle_len)[:-1]]]
+
+
+def _order_rings(coords: np.ndarray, lens_out: np.ndarray, group_out: np.ndarray,
+                 n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group the exterior first, then the holes by start vertex; checks one exterior per group."""
     off = _offsets(lens_out)
     ring_id = np.repeat(np.arange(len(lens_out)), lens_out)
     # Signed area per closed ring (its last vertex repeats the first and starts no segment).

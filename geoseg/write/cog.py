@@ -21,12 +21,10 @@ import rasterio.shutil
 from affine import Affine
 from rasterio.windows import Window
 
+from geoseg.conventions import CLASS_NAMES_TAG, NODATA, class_label
 from geoseg.errors import OutputError, write_failure
 
 __all__ = ["MaskWriter", "CLASS_NAMES_TAG", "NODATA"]
-
-CLASS_NAMES_TAG = "GEOSEG_CLASS_NAMES"
-NODATA = 255  # the mask's nodata value: no model has 256 classes
 
 
 class MaskWriter:
@@ -46,7 +44,6 @@ class MaskWriter:
         compress: str = "deflate",
         overviews: bool = True,
         tags: dict[str, str] | None = None,
-        resume: bool = False,
     ):
         self.scratch_path = Path(scratch_path)
         self.shape = shape
@@ -89,7 +86,7 @@ class MaskWriter:
         for cid, n in enumerate(self.counts):
             if n:
                 name = "nodata" if cid == self.nodata else (
-                    self.class_names[cid] if cid < len(self.class_names) else f"class_{cid}"
+                    class_label(self.class_names, cid)
                 )
                 out[name] = int(n)
         return out

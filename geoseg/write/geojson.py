@@ -86,9 +86,9 @@ class GeoJSONWriter(VectorWriter):
 def _geojson_geometries(geoms: np.ndarray) -> list[str]:
     """GeoJSON geometry members for already rounded lon/lat geometries.
 
-    orjson prints the shortest string that reads back the same double (like Python's float repr, 12x faster
-    than ``json``), so a value rounded to 7 decimals prints with at most 7 (GEOS's writer prints up to 17
-    significant digits instead).
+    orjson prints the shortest string that reads back the same double (like Python's float repr, and much
+    faster than ``json``), so a value rounded to 7 decimals prints with at most 7 (GEOS's writer prints up to
+    17 significant digits instead).
     """
     out: list[str] = [""] * len(geoms)
     types = shapely.get_type_id(geoms)
