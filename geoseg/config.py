@@ -274,6 +274,32 @@ class TrainConfig(_Section):
     halo_images: int = Field(4, ge=1, description="validation images used to measure the halo")
     max_steps_per_epoch: int | None = Field(None, gt=0, description="cap (smoke tests, benchmarks)")
     max_val_chips: int | None = Field(None, gt=0)
+    source_weights: list[float] | None = Field(
+        None, description="random sampling: share of each epoch's chips drawn from each source, in sources order "
+        "(the weight of a source without training regions is ignored; default: by area)"
+    )
+    scale_range: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="random sampling: scale augmentation, each chip is cut "
+        "at chip_px / s and resampled to chip_px, s log-uniform in [lo, hi] (> 1 zooms in)"
+    )
+    calibrate_bias: bool = Field(
+        False, description="choose a logit offset for every class but class 0 on the validation split: epochs are "
+        "compared by val mIoU at their best offset, and the bundle's head bias gets the best epoch's offset"
+    )
+
+    @model_validator(mode="after")
+    def _sampling_options(self):
+        if self.source_weights is not None:
+            if len(self.source_weights) != len(self.sources) or any(w < 0 for w in self.source_weights):
+                raise ValueError(
+                    f"train.source_weights needs one weight >= 0 per source ({len(self.sources)} sources)"
+                )
+        if self.source_weights is not None or self.scale_range is not None:
+            if self.sampling != "random":
+                raise ValueError("train.source_weights and train.scale_range need train.sampling: random")
+        if self.scale_range is not None and not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"train.scale_range must be [lo, hi] with 0 < lo <= hi; got {self.scale_range}")
+        return self
 
 
 class JobConfig(_Section):

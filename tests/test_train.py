@@ -173,6 +173,75 @@ def test_epoch_chips_are_the_same_on_every_worker_and_change_per_epoch(bld):
     assert plan["band_names"] == ["b1", "b2", "b3"] and len(plan["mean"]) == 3
 
 
+def test_source_weights_and_scale_range_sampling(bld):
+    """Random sampling draws each source's share of the chips and cuts chips at chip_px / s, inside the regions."""
+    sources = [_area1(bld, 6, split="train"), _area2(bld, "train", 6, split="train"), _area2(bld, "val", 2, split="val")]
+    cfg = _cfg(sources, chip_px=128, sampling="random", chips_per_epoch=600, source_weights=[0.2, 0.8, 5.0],
+               scale_range=[0.5, 2.0])
+    plan = prepare_plan(cfg)
+    chips = epoch_chips(plan, 3)
+    assert chips == epoch_chips(plan, 3) and len(chips) == 600
+    src = np.array([plan["scenes"][c.scene].source for c in chips])
+    assert set(src) == {0, 1}  # the val source's weight is ignored: its images are not training regions
+    assert abs((src == 1).mean() - 0.8) < 0.06
+    sizes = np.array([c.size for c in chips])
+    assert sizes.min() >= 64 and sizes.max() <= 256 and abs(np.median(sizes) - 128) <= 12
+    assert (sizes < 96).mean() > 0.2 and (sizes > 170).mean() > 0.2
+    for c in chips:  # the 256 px scenes hold every chip: none is padded
+        assert 0 <= c.row and c.row + c.size <= 256 and 0 <= c.col and c.col + c.size <= 256
+    plain = prepare_plan(_cfg([_area1(bld, 6, split="train"), _area2(bld, "val", 2, split="val")], chip_px=128,
+                              sampling="random", chips_per_epoch=50))
+    assert {c.size for c in epoch_chips(plain, 0)} == {128}
+
+
+@pytest.mark.parametrize("train", [{"sampling": "grid", "scale_range": [0.5, 2.0]},
+                                   {"sampling": "random", "source_weights": [1.0]},
+                                   {"sampling": "random", "source_weights": [1.0, -1.0]},
+                                   {"sampling": "random", "scale_range": [2.0, 0.5]}])
+def test_sampling_options_are_checked(bld, train):
+    with pytest.raises(ConfigError, match=r"train\.(source_weights|scale_range)"):
+        _cfg([_area1(bld, 2, split="train"), _area2(bld, "val", 1, split="val")], **train)
+
+
+def test_resampled_chips_keep_labels_on_their_pixels(bld):
+    from geoseg.train.loop import ChipDataset, ChipStore, resample_chip
+
+    t = _cfg([_area2(bld, "train", 1)]).train
+    scene = index_sources(t)[0]
+    img, valid = read_image(scene)
+    lab = load_labels(scene, [0, 1])
+    x2, v2, y2 = resample_chip(img[:, :64, :64].astype(np.float32), valid[:64, :64], lab[:64, :64], 128)
+    assert np.array_equal(y2, np.kron(lab[:64, :64], np.ones((2, 2), np.uint8))) and v2.all()
+    assert np.allclose(x2[:, ::2, ::2].mean(), img[:, :64, :64].mean(), rtol=0.02)
+    x5, v5, y5 = resample_chip(img.astype(np.float32), valid, lab, 128)
+    assert x5.shape == (3, 128, 128) and y5.shape == v5.shape == (128, 128)
+    assert abs(float(y5.mean()) - float(lab.mean())) < 0.02 and abs(x5.mean() - img.mean()) < 0.01 * img.mean()
+    store = ChipStore([scene], [0, 1])
+    from geoseg.train.data import Chip
+
+    ds = ChipDataset(store, [Chip(0, 10, 20, 200), Chip(0, 0, 0, 64)], [120.0] * 3, [50.0] * 3, out_px=128)
+    for x, y in ds:
+        assert tuple(x.shape) == (3, 128, 128) and tuple(y.shape) == (128, 128)
+
+
+def test_bias_calibration_moves_the_decision_boundary_to_the_best_mIoU():
+    from geoseg.train.loop import calibrate_bias
+
+    class Shifted(torch.nn.Module):
+        """Logits (0, x - 0.8): calls class 1 only where x > 0.8, while the truth is x > 0.5."""
+
+        def forward(self, x):
+            return torch.cat([torch.zeros_like(x), x - 0.8], dim=1)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, 32, 32, generator=g)
+    y = (x[:, 0] > 0.5).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    offsets, before, after = calibrate_bias(Shifted(), loader, 2, torch.device("cpu"))
+    assert offsets[0] == 0 and abs(offsets[1] - 0.3) <= 0.05 + 1e-9, offsets
+    assert before < 0.75 and after > 0.97
+
+
 def test_measured_halo_makes_tiled_equal_whole(bld):
     from geoseg.models import get_model
     from geoseg.train.card_fill import make_card, measure_halo, tiled_vs_whole_agreement
@@ -298,6 +367,7 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
         "arch_params": {"base_channels": 4, "depth": 2}, "chip_px": 128, "batch_size": 2,
         "epochs": 8, "max_steps_per_epoch": 3, "num_workers": 2, "use_gpu": False, "torch_threads": 1,
         "early_stopping_patience": 20, "halo_max_px": 48, "halo_images": 1, "out": str(out), "checkpoint_dir": str(ckpt),
+        "calibrate_bias": True,
     }, "runtime": {"address": address}}
     cfg_path = tmp_path / "train.yaml"
     cfg_path.write_text(yaml.safe_dump(job))
@@ -334,6 +404,11 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
     assert "epoch 8/8  loss" in log2
     summary = json.loads((out / "training.json").read_text())
     assert [r["epoch"] for r in summary["history"]] == list(range(1, 9))
+    # calibrate_bias: every epoch scored at its best logit offset (confusions summed over both workers), and the
+    # bundle's head got the offset that the val chips choose for the best weights
+    assert all(r["val_miou_calibrated"] >= r["val_miou"] and -3 <= r["logit_offset"] <= 3 for r in summary["history"])
+    cal = summary["calibration"]
+    assert cal["offsets"][0] == 0 and cal["miou_after"] >= cal["miou_before"]
     assert "epoch 1/8  loss" in log1 or done >= 1
 
     from geoseg.models import load_model

@@ -35,8 +35,8 @@ def worker_loop(config: dict) -> None:
     from tqdm import tqdm
 
     from geoseg.config import TrainConfig
-    from geoseg.train.loop import ChipDataset, ChipStore, build_module, cosine_with_warmup, iou_from_confusion
-    from geoseg.train.loop import run_epoch, validate
+    from geoseg.train.loop import OFFSET_GRID, ChipDataset, ChipStore, best_offset, build_module
+    from geoseg.train.loop import cosine_with_warmup, iou_from_confusion, run_epoch, validate
 
     plan = config["plan"]
     t = TrainConfig.model_validate(plan["train"])
@@ -91,7 +91,8 @@ def worker_loop(config: dict) -> None:
         if stopped:
             break
         chips = shard(epoch_chips(plan, epoch), rank, world, t.batch_size)
-        ds = ChipDataset(store, chips, plan["mean"], plan["std"], aug=t.augment, seed=t.seed * 1_000_003 + epoch)
+        ds = ChipDataset(store, chips, plan["mean"], plan["std"], aug=t.augment, seed=t.seed * 1_000_003 + epoch,
+                         out_px=t.chip_px)
         loader = torch.utils.data.DataLoader(ds, batch_size=t.batch_size, shuffle=False, drop_last=True)
         bar = None
         if rank == 0:
@@ -101,7 +102,8 @@ def worker_loop(config: dict) -> None:
         if bar is not None:
             bar.close()
         t_val = time.monotonic()
-        cm = validate(module, val_loader, k, device, amp_dtype)
+        grid = OFFSET_GRID if t.calibrate_bias else None
+        cm = validate(module, val_loader, k, device, amp_dtype, offsets=grid)
         cm_t = torch.from_numpy(cm).to(device)
         stats = torch.tensor([r["loss"] * r["chips"], r["chips"], r["seconds"]], dtype=torch.float64, device=device)
         if world > 1:
@@ -110,13 +112,18 @@ def worker_loop(config: dict) -> None:
             dist.all_reduce(cm_t)
             dist.all_reduce(stats)
         cm = cm_t.cpu().numpy()
+        offset, calibrated = 0.0, None
+        if grid is not None:  # the epoch's score: val mIoU at its best logit offset
+            offset, calibrated, _ = best_offset(cm, grid)
+            cm = cm[int(np.argmin(np.abs(grid)))]
         iou = iou_from_confusion(cm)
         miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+        score = miou if calibrated is None else calibrated
         loss = float(stats[0] / max(stats[1], 1))
         seconds = float(stats[2]) / world + (time.monotonic() - t_val)
-        improved = miou > best + 1e-6
+        improved = score > best + 1e-6
         if improved:
-            best, bad = miou, 0
+            best, bad = score, 0
             best_state = {kk: v.detach().cpu().clone() for kk, v in _unwrap(module).state_dict().items()}
         else:
             bad += 1
@@ -124,14 +131,17 @@ def worker_loop(config: dict) -> None:
                "val_iou": {n: (None if not np.isfinite(v) else round(float(v), 5)) for n, v in zip(names, iou)},
                "seconds": round(seconds, 2), "chips": int(stats[1]),
                "chips_per_s": round(float(stats[1]) / max(float(stats[2]) / world, 1e-9), 3)}
+        if calibrated is not None:
+            rec.update(val_miou_calibrated=round(calibrated, 5), logit_offset=offset)
         history.append(rec)
         stopped = bad >= t.early_stopping_patience
         if rank == 0:
             per = " ".join(f"{n} {v:.3f}" for n, v in zip(names, iou) if np.isfinite(v))
-            _say(f"epoch {epoch + 1}/{t.epochs}  loss {loss:.4f}  val mIoU {miou:.4f} ({per})  "
+            cal = "" if calibrated is None else f"  calibrated {calibrated:.4f} at offset {offset:+.1f}"
+            _say(f"epoch {epoch + 1}/{t.epochs}  loss {loss:.4f}  val mIoU {miou:.4f} ({per}){cal}  "
                  f"{seconds:.1f} s  {rec['chips_per_s']:.2f} chips/s" + ("  *best" if improved else "")
                  + ("  early stop" if stopped else ""))
-        metrics = {"epoch": epoch + 1, "loss": loss, "val_miou": miou, "best_val_miou": best,
+        metrics = {"epoch": epoch + 1, "loss": loss, "val_miou": miou, "val_score": score, "best_val_score": best,
                    "stopped": stopped, "chips_per_s": rec["chips_per_s"]}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None

@@ -517,17 +517,22 @@ def grid_chips(regions: list[tuple[int, Window]], chip_px: int, stride_px: int |
 
 
 def random_chips(regions: list[tuple[int, Window]], chip_px: int, n: int, rng: np.random.Generator,
-                 weights: np.ndarray | None = None) -> list[Chip]:
-    """``n`` chips at random places inside the regions (a region is chosen by area, or by ``weights``)."""
+                 weights: np.ndarray | None = None, sizes: np.ndarray | None = None) -> list[Chip]:
+    """``n`` chips at random places inside the regions (a region is chosen by area, or by ``weights``).
+
+    ``sizes`` (one side per chip) cuts chips of other sides than ``chip_px`` (scale augmentation); a chip larger
+    than its region starts at the region's corner and extends past it (padded like any chip past its scene).
+    """
     areas = np.array([float(w.width * w.height) for _, w in regions])
     p = areas / areas.sum() if weights is None else weights / weights.sum()
     picks = rng.choice(len(regions), size=n, p=p)
     out = []
-    for k in picks:
+    for j, k in enumerate(picks):
         si, w = regions[k]
-        dr = int(rng.integers(0, max(1, int(w.height) - chip_px + 1)))
-        dc = int(rng.integers(0, max(1, int(w.width) - chip_px + 1)))
-        out.append(Chip(si, int(w.row_off) + dr, int(w.col_off) + dc, chip_px))
+        size = chip_px if sizes is None else int(sizes[j])
+        dr = int(rng.integers(0, max(1, int(w.height) - size + 1)))
+        dc = int(rng.integers(0, max(1, int(w.width) - size + 1)))
+        out.append(Chip(si, int(w.row_off) + dr, int(w.col_off) + dc, size))
     return out
 
 

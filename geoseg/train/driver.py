@@ -116,6 +116,7 @@ def prepare_plan(cfg: JobConfig) -> dict:
             lab = store.labels(c.scene)
             hists.append(class_histogram(lab[max(c.row, 0):c.row + c.size, max(c.col, 0):c.col + c.size]))
         weights = balanced_weights(np.stack(hists), class_ids)
+    region_weights = _region_weights(t, scenes, split.train)
     mean, std, vmin, vmax = band_summary(scenes, split.train)
     train_scenes = sorted({si for si, _ in split.train})
     gsds = [scene_gsd_m(scenes[i]) for i in train_scenes]
@@ -136,6 +137,7 @@ def prepare_plan(cfg: JobConfig) -> dict:
         "train_grid": train_grid,
         "candidates": candidates,
         "weights": weights,
+        "region_weights": region_weights,
         "val_chips": val_chips,
         "class_ids": class_ids,
         "class_names": class_names,
@@ -152,6 +154,22 @@ def prepare_plan(cfg: JobConfig) -> dict:
     }
 
 
+def _region_weights(t, scenes, regions) -> np.ndarray | None:
+    """Sampling weight per training region from ``train.source_weights``: each source's share split by area."""
+    if t.source_weights is None:
+        return None
+    area = np.array([float(w.width * w.height) for _, w in regions])
+    src = np.array([scenes[si].source for si, _ in regions])
+    out = np.zeros(len(regions))
+    for k, share in enumerate(t.source_weights):
+        mine = src == k
+        if mine.any():
+            out[mine] = share * area[mine] / area[mine].sum()
+    if out.sum() <= 0:
+        raise ConfigError(f"train.source_weights {t.source_weights}: every source with training regions weighs 0")
+    return out / out.sum()
+
+
 def epoch_chips(plan: dict, epoch: int) -> list[Chip]:
     """This epoch's training chips, in order, the same on every worker (seeded by train.seed and epoch)."""
     t = plan["train"]
@@ -162,7 +180,11 @@ def epoch_chips(plan: dict, epoch: int) -> list[Chip]:
         return chips
     n = t["chips_per_epoch"] or len(plan["train_grid"])
     if t["sampling"] == "random":
-        return random_chips(plan["regions_train"], t["chip_px"], n, rng)
+        sizes = None
+        if t.get("scale_range"):
+            lo, hi = (math.log(v) for v in t["scale_range"])
+            sizes = np.maximum(8, np.round(t["chip_px"] / np.exp(rng.uniform(lo, hi, size=n)))).astype(int)
+        return random_chips(plan["regions_train"], t["chip_px"], n, rng, plan.get("region_weights"), sizes)
     idx = rng.choice(len(plan["candidates"]), size=n, p=plan["weights"] / plan["weights"].sum())
     return [plan["candidates"][i] for i in idx]
 
@@ -204,6 +226,8 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
     module = build_module(t.architecture, t.arch_params, len(plan["band_names"]), k)
     module.load_state_dict(state["best_state"] or state["model"])
     module.eval()
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    calibration = _calibrate(t, plan, module) if t.calibrate_bias else None
     arch_params = dict(t.arch_params, in_channels=len(plan["band_names"]), num_classes=k)
     stride = int(getattr(module, "output_stride", 16))
     card = make_card(t, band_names=plan["band_names"], mean=plan["mean"], std=plan["std"], gsd_m=plan["gsd_m"],
@@ -219,15 +243,20 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
         images.append((data, valid))
         if len(images) >= t.halo_images:
             break
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     halo, agree, tile = measure_halo(module, card, images, t.halo_max_px)
-    best_epoch = max(state["history"], key=lambda r: r["val_miou"]) if state["history"] else {}
+    hist = state["history"]
+    best_epoch = max(hist, key=lambda r: r.get("val_miou_calibrated", r["val_miou"])) if hist else {}
+    best_score = best_epoch.get("val_miou_calibrated", best_epoch.get("val_miou"))
+    cal = ""
+    if calibration:
+        cal = (f" Logit offsets {calibration['offsets']} added to the head's bias (val mIoU "
+               f"{calibration['miou_before']} -> {calibration['miou_after']}).")
     card = card.model_copy(update={
         "halo_px": halo,
         "description": (card.description + " " if card.description else "")
-        + f"Trained with geoseg train: {len(plan['scenes'])} images, best val mIoU {best_epoch.get('val_miou')} "
-        f"at epoch {best_epoch.get('epoch')}. Halo measured: tiled ({tile} px tiles) vs whole-image inference "
-        f"agree on {agree:.5f} of validation pixels at {halo} px.",
+        + f"Trained with geoseg train: {len(plan['scenes'])} images, best val mIoU {best_score} at epoch "
+        f"{best_epoch.get('epoch')}. Halo measured: tiled ({tile} px tiles) vs whole-image inference agree on "
+        f"{agree:.5f} of validation pixels at {halo} px." + cal,
     })
     out.mkdir(parents=True, exist_ok=True)
     save_bundle(module, card, out)
@@ -235,11 +264,29 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
         "bundle": str(out), "card": card.model_dump(mode="json"), "history": state["history"],
         "best_epoch": best_epoch, "halo": {"halo_px": halo, "agreement": agree, "tile_px": tile},
         "class_pixels": plan["class_pixels"], "scenes": len(plan["scenes"]), "seconds": round(seconds, 1),
-        "val_chips": len(plan["val_chips"]),
+        "val_chips": len(plan["val_chips"]), "calibration": calibration,
     }
     (out / "training.json").write_text(json.dumps(summary, indent=1))
     load_model(out)  # the bundle must load
     return summary
+
+
+def _calibrate(t, plan: dict, module: torch.nn.Module) -> dict:
+    """``train.calibrate_bias``: per-class logit offsets chosen on the val chips, folded into the head's bias."""
+    from geoseg.train.loop import ChipDataset, ChipStore, calibrate_bias
+
+    head = getattr(module, "head", None)
+    if not isinstance(head, torch.nn.Conv2d) or head.bias is None:
+        raise ConfigError(f"train.calibrate_bias: the {t.architecture} model has no head convolution with a bias")
+    store = ChipStore(plan["scenes"], plan["class_ids"], plan["class_names"])
+    ds = ChipDataset(store, plan["val_chips"], plan["mean"], plan["std"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=t.batch_size)
+    offsets, before, after = calibrate_bias(module, loader, len(plan["class_ids"]), torch.device("cpu"))
+    with torch.no_grad():
+        head.bias += torch.as_tensor(offsets, dtype=head.bias.dtype)
+    log.info("calibrated logit offsets %s: val mIoU %.4f -> %.4f", offsets.round(2).tolist(), before, after)
+    return {"offsets": [round(float(v), 3) for v in offsets], "miou_before": round(before, 5),
+            "miou_after": round(after, 5)}
 
 
 def load_train_config(path: str | Path, overrides=()) -> JobConfig:

@@ -20,6 +20,10 @@ from geoseg.train.data import IGNORE, Chip, Scene, load_labels, read_image
 __all__ = [
     "ChipStore",
     "ChipDataset",
+    "resample_chip",
+    "calibrate_bias",
+    "best_offset",
+    "OFFSET_GRID",
     "build_module",
     "segmentation_loss",
     "confusion_matrix",
@@ -81,12 +85,29 @@ class ChipStore:
         return img, v, lab
 
 
+def resample_chip(img: np.ndarray, valid: np.ndarray, lab: np.ndarray, size: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, valid, labels) resampled to ``size`` x ``size``: bilinear image (antialiased when shrinking),
+    nearest labels and validity (scale augmentation)."""
+    n = img.shape[-1]
+    if img.shape[-2:] == (size, size):
+        return img, valid, lab
+    x = torch.from_numpy(np.ascontiguousarray(img, np.float32))[None]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < n)[0]
+    masks = torch.from_numpy(np.stack([valid.astype(np.float32), lab.astype(np.float32)]))[None]
+    masks = F.interpolate(masks, size=(size, size), mode="nearest")[0]
+    return x.numpy(), masks[0].numpy() > 0.5, masks[1].numpy().astype(np.uint8)
+
+
 class ChipDataset(torch.utils.data.Dataset):
-    """Chips as normalised float32 tensors and int64 labels (IGNORE = 255), augmented when ``aug`` is given."""
+    """Chips as normalised float32 tensors and int64 labels (IGNORE = 255), augmented when ``aug`` is given.
+
+    Chips of another side than ``out_px`` (scale augmentation) are resampled to ``out_px`` first.
+    """
 
     def __init__(self, store: ChipStore, chips: list[Chip], mean: list[float], std: list[float], aug=None,
-                 seed: int = 0):
-        self.store, self.chips, self.aug, self.seed = store, chips, aug, seed
+                 seed: int = 0, out_px: int | None = None):
+        self.store, self.chips, self.aug, self.seed, self.out_px = store, chips, aug, seed, out_px
         self.mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(-1, 1, 1)
 
@@ -95,6 +116,8 @@ class ChipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         img, valid, lab = self.store.chip(self.chips[i])
+        if self.out_px is not None:
+            img, valid, lab = resample_chip(img, valid, lab, self.out_px)
         if self.aug is not None:
             rng = np.random.default_rng([self.seed, i])
             img, lab = augment(img, lab, valid, rng, self.aug, self.std.ravel())
@@ -195,11 +218,21 @@ def run_epoch(module, loader, optimizer, scheduler, device, loss_kind: str = "ce
     return {"loss": total / max(n, 1), "chips": n, "seconds": time.monotonic() - t0, "steps": steps}
 
 
+# logit offsets tried for the non-first classes (train.calibrate_bias): per-epoch selection and the bundle's head
+OFFSET_GRID = np.round(np.arange(-3.0, 3.0 + 1e-9, 0.1), 2)
+
+
 @torch.no_grad()
-def validate(module, loader, num_classes: int, device, amp_dtype=None) -> np.ndarray:
-    """Confusion matrix of ``module`` over ``loader`` (eval mode)."""
+def validate(module, loader, num_classes: int, device, amp_dtype=None, offsets: np.ndarray | None = None
+             ) -> np.ndarray:
+    """Confusion matrix of ``module`` over ``loader`` (eval mode).
+
+    With ``offsets``, one matrix per offset (shape (len(offsets), k, k)): the offset is added to the logits of
+    every class but the first (class 0, e.g. background) before the argmax.
+    """
     module.eval()
-    cm = np.zeros((num_classes, num_classes), np.int64)
+    k = num_classes
+    cm = np.zeros((k, k) if offsets is None else (len(offsets), k, k), np.int64)
     for x, y in loader:
         x = x.to(device)
         if amp_dtype is not None:
@@ -207,8 +240,39 @@ def validate(module, loader, num_classes: int, device, amp_dtype=None) -> np.nda
                 logits = module(x)
         else:
             logits = module(x)
-        cm += confusion_matrix(logits.argmax(1).cpu(), y, num_classes)
+        if offsets is None:
+            cm += confusion_matrix(logits.argmax(1).cpu(), y, k)
+            continue
+        logits = logits.float().cpu()
+        shift = torch.zeros(1, k, 1, 1)
+        for i, v in enumerate(offsets):
+            shift[:, 1:] = float(v)
+            cm[i] += confusion_matrix((logits + shift).argmax(1), y, k)
     return cm
+
+
+def best_offset(cms: np.ndarray, offsets: np.ndarray) -> tuple[float, float, float]:
+    """(offset, mIoU there, mIoU at offset 0) from ``validate(..., offsets=offsets)``; ties: the smallest |offset|."""
+    scores = []
+    for cm in cms:
+        iou = iou_from_confusion(cm)
+        scores.append(float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0)
+    scores = np.round(np.asarray(scores), 9)
+    top = np.flatnonzero(scores == scores.max())
+    i = int(top[np.argmin(np.abs(np.asarray(offsets)[top]))])
+    zero = int(np.argmin(np.abs(np.asarray(offsets))))
+    return float(offsets[i]), float(scores[i]), float(scores[zero])
+
+
+def calibrate_bias(module, loader, num_classes: int, device) -> tuple[np.ndarray, float, float]:
+    """Logit offsets (0 for class 0, one shared value for the others, from ``OFFSET_GRID``) that maximise mIoU
+    over ``loader``. Returns (offsets per class, mIoU before, mIoU after); adding them to the head's bias moves
+    the argmax boundary, e.g. back towards recall for a class the labels under-report."""
+    cms = validate(module, loader, num_classes, device, offsets=OFFSET_GRID)
+    v, after, before = best_offset(cms, OFFSET_GRID)
+    out = np.full(num_classes, v)
+    out[0] = 0.0
+    return out, before, after
 
 
 def whole_window(scene: Scene) -> Window:
