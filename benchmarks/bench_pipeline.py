@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._result import result  # noqa: E402
-from tests.vrt import tiled_vrt  # noqa: E402
+from tools.vrt import tiled_vrt  # noqa: E402
 
 DEFAULT_CHIP = ROOT.parent / "shared" / "data" / "sentinel2" / "Spain_7370579_S2Hand.tif"
 if not DEFAULT_CHIP.exists():

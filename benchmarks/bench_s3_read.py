@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from geoseg.config import StorageConfig  # noqa: E402
 from geoseg.io import raster, s3  # noqa: E402
-from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, CountingProxy, S3Server  # noqa: E402
+from tools.s3server import ACCESS_KEY, REGION, SECRET_KEY, CountingProxy, S3Server  # noqa: E402
 
 CHIP = Path(os.environ.get("GEOSEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "sentinel2" / (
     "Spain_7370579_S2Hand.tif"

@@ -22,7 +22,7 @@ from geoseg.grid import Block
 from geoseg.io import raster
 from geoseg.plan import ScenePlan, aoi_mask
 
-__all__ = ["WorkItem", "BlockResult", "block_failure", "failed_result", "read_block", "compute_block",
+__all__ = ["WorkItem", "BlockResult", "BlockOutcome", "block_failure", "failed_result", "read_block", "compute_block",
            "postprocess_block", "finish_block", "process_item"]
 
 
@@ -52,6 +52,20 @@ class BlockResult:
     error: str | None = None
     from_resume: bool = False
     node: str | None = None  # the Ray node that ran the model on it (None: this process)
+
+
+@dataclass
+class BlockOutcome:
+    """What the driver sees of a finished block: where it is and whether it failed. ``result`` is the
+    ``BlockResult`` itself (local engine) or a reference the scene's writer resolves (Ray engine: the mask and
+    polygons go from the worker to the writer without passing through the driver)."""
+
+    scene: int
+    block_id: str
+    row: int
+    col: int
+    error: str | None
+    result: Any
 
 
 def block_failure(plan: ScenePlan, block: Block, e: BaseException | str) -> str:

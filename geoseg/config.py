@@ -115,6 +115,11 @@ class RuntimeConfig(_Section):
     )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per inference actor")
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved per read / postprocess task")
+    writers: int = Field(
+        1, gt=0, description="scene writer actors (Ray engine): each scene's mask, seam merge and vector outputs "
+        "are written in one of them, off the driver; scenes are spread over them"
+    )
+    cpus_per_writer: float = Field(0.5, gt=0, description="CPUs reserved per scene writer actor")
     num_cpus: int | None = Field(None, gt=0, description="CPUs for the embedded local Ray (default: all)")
     address: str | None = Field(None, description="join this Ray cluster (else RAY_ADDRESS, else start a local one)")
     object_store_mb: int | None = Field(

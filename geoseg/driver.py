@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from geoseg._memory import release_free_memory
-from geoseg.blocks import BlockResult, WorkItem
+from geoseg.blocks import BlockOutcome, WorkItem
 from geoseg.config import JobConfig, apply_overrides, config_from_dict
 from geoseg.errors import BlockError, ConfigError, GeosegError, InputError, OutputError
 from geoseg.io import store
 from geoseg.plan import ScenePlan, plan_scene
 from geoseg.progress import Progress
-from geoseg.stitch import SceneWriter, load_run_record
+from geoseg.stitch import load_run_record, prepare_scene, stored_blocks
 
 log = logging.getLogger("geoseg")
 
@@ -41,8 +41,11 @@ def auto_engine(cfg: JobConfig, items: list[WorkItem]) -> str:
     return "local" if sum(not i.resume for i in items) <= AUTO_LOCAL_MAX_BLOCKS else "ray"
 
 
-def prepare(cfg: JobConfig, card) -> list[ScenePlan]:
-    """Expand and validate every input before anything is written (one clear error, nothing half-done)."""
+def input_paths(cfg: JobConfig, card) -> list[str]:
+    """Expand and check the job's inputs and settings before anything starts: the scene paths (warped first
+    with ``input.resample``), each with its own output name, and a writable output directory."""
+    from geoseg.plan import scene_stem
+
     if not cfg.input.paths:
         raise ConfigError("input.paths is empty: give at least one raster (local path or s3://...)")
     if not cfg.output.dir:
@@ -51,16 +54,23 @@ def prepare(cfg: JobConfig, card) -> list[ScenePlan]:
     paths = store.expand_inputs(cfg.input.paths, cfg.storage)
     if cfg.input.resample:
         paths = [_resampled(p, cfg, card) for p in paths]
-    plans = [plan_scene(i, p, cfg, card) for i, p in enumerate(paths)]
     seen: dict[str, str] = {}
-    for p in plans:
-        if p.stem in seen:
-            raise ConfigError(
-                f"inputs {seen[p.stem]!r} and {p.path!r} share the output name {p.stem!r}; rename one"
-            )
-        seen[p.stem] = p.path
+    for p in paths:
+        stem = scene_stem(p)
+        if stem in seen:
+            raise ConfigError(f"inputs {seen[stem]!r} and {p!r} share the output name {stem!r}; rename one")
+        seen[stem] = p
     _check_output_dir(cfg.output.dir)
-    return plans
+    return paths
+
+
+def prepare(cfg: JobConfig, card, mapper=None, paths: list[str] | None = None) -> list[ScenePlan]:
+    """Every scene planned and validated against the model (the input contract) before anything is written:
+    one clear error, nothing half-done. ``mapper(fn, args)`` plans the scenes (the Ray engine's runs them on
+    the cluster, in parallel); default: here, one after another."""
+    paths = input_paths(cfg, card) if paths is None else paths
+    args = [(i, p, cfg, card) for i, p in enumerate(paths)]
+    return mapper(plan_scene, args) if mapper else [plan_scene(*a) for a in args]
 
 
 def _resampled(path: str, cfg: JobConfig, card) -> str:
@@ -143,101 +153,132 @@ def run(
     *,
     loaded_model=None,
     engine: str | None = None,
-    on_result: Callable[[BlockResult], None] | None = None,
+    on_result: Callable[[BlockOutcome], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run a job: returns one run record per scene.
 
     ``loaded_model`` skips loading ``cfg.model.name`` (tests, notebooks); ``engine`` overrides
-    ``runtime.engine``; ``on_result`` sees every block result as the writer takes it.
+    ``runtime.engine``; ``on_result`` sees every block's outcome after its writer took it.
     """
     from geoseg.models import load_model
 
     t0 = time.monotonic()
     model = loaded_model or load_model(cfg.model.name)
-    plans = prepare(cfg, model.card)
-    writers: dict[int, SceneWriter] = {}
+    name = engine or cfg.runtime.engine
+    plans = paths = None
+    if name == "auto":
+        paths = input_paths(cfg, model.card)
+        if cfg.runtime.address or os.environ.get("RAY_ADDRESS") or len(paths) > AUTO_LOCAL_MAX_BLOCKS:
+            name = "ray"  # every scene is at least one block
+        else:  # a few scenes: plan them here, then decide by the blocks that need the model
+            plans = prepare(cfg, model.card, paths=paths)
+            name = auto_engine(cfg, _work(plans, cfg, model.card, dry=True)[0])
+        log.info("engine: %s (runtime.engine=auto)", name)
+    with _engine(name, cfg, model) as eng:
+        if plans is None:
+            plans = prepare(cfg, model.card, eng.map, paths)
+        items, remaining, records = _work(plans, cfg, model.card)
+        if remaining:  # else every scene was complete: nothing to compute
+            _stream(eng, plans, items, remaining, records, cfg, model.card, t0, on_result)
+            eng.call(finish_run, cfg, records, model.card)
+    return records
+
+
+def _work(plans: list[ScenePlan], cfg: JobConfig, card, dry: bool = False):
+    """(work items, blocks remaining per scene, run records of scenes skipped as complete). Prepares each scene's
+    output location (``stitch.prepare_scene``) unless ``dry``."""
     remaining: dict[int, int] = {}
     items: list[WorkItem] = []
     records: list[dict[str, Any]] = [None] * len(plans)  # type: ignore[list-item]
-    try:
-        for plan in plans:
-            if cfg.output.skip_complete:
-                done = load_run_record(plan)
-                if done is not None:
+    for plan in plans:
+        if cfg.output.skip_complete:
+            done = load_run_record(plan)
+            if done is not None:
+                if not dry:
                     log.info("skipped %s: its outputs are complete (%s)", plan.path, plan.out_dir)
-                    records[plan.index] = done
-                    continue
-            w = SceneWriter(plan, cfg, model.card, overwrite=cfg.output.overwrite)
-            writers[plan.index] = w
-            remaining[plan.index] = plan.grid.num_blocks
-            stored = w.resumable_blocks()
-            for b in plan.grid.blocks():
-                items.append(WorkItem(plan.index, b.row, b.col, resume=b.id in stored))
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    if not writers:  # every scene was complete: no engine to start
-        return records
-    engine = engine or cfg.runtime.engine
-    if engine == "auto":
-        engine = auto_engine(cfg, items)
-        log.info("engine: %s (runtime.engine=auto)", engine)
-    if engine == "local":
-        from geoseg.engines.local import local_engine
+                records[plan.index] = done
+                continue
+        if dry:
+            stored = set() if cfg.output.overwrite else stored_blocks(plan, cfg, card)
+        else:
+            stored = prepare_scene(plan, cfg, card, overwrite=cfg.output.overwrite)
+        remaining[plan.index] = plan.grid.num_blocks
+        items.extend(WorkItem(plan.index, b.row, b.col, resume=b.id in stored) for b in plan.grid.blocks())
+    return items, remaining, records
 
-        results = local_engine(plans, items, cfg, model)
-    elif engine == "ray":
-        from geoseg.engines.ray import ray_engine
 
-        results = ray_engine(plans, items, cfg, model)
-    else:
-        raise ConfigError(f"runtime.engine {engine!r} is not one of auto, ray, local")
+def finish_run(cfg: JobConfig, records: list[dict[str, Any]], card) -> None:
+    """After the scenes: the run's STAC collection and its report page (run by the engine, off the driver)."""
+    _write_collection(cfg, records, card)
+    if cfg.output.report and any(records):  # the run's page over its scenes' pages
+        from geoseg.report import write_run_report
 
-    total_px = sum(p.info.shape[0] * p.info.shape[1] for p in plans if p.index in writers)
+        write_run_report(cfg.output.dir, cfg.storage)
+
+
+def _engine(name: str, cfg: JobConfig, model):
+    """The engine object for ``runtime.engine`` (``auto`` is decided by ``run``)."""
+    if name == "local":
+        from geoseg.engines.local import LocalEngine
+
+        return LocalEngine(cfg, model)
+    if name == "ray":
+        from geoseg.engines.ray import RayEngine
+
+        return RayEngine(cfg, model)
+    raise ConfigError(f"runtime.engine {name!r} is not one of auto, ray, local")
+
+
+def _stream(eng, plans: list[ScenePlan], items: list[WorkItem], remaining: dict[int, int],
+            records: list, cfg: JobConfig, card, t0: float, on_result) -> None:
+    """Hand every block's outcome to its scene's writer (opened at the scene's first block; the first one
+    before any compute, so a refused setting costs nothing), count failures, finish scenes as they complete."""
+    writers: dict = {}
+
+    def writer(scene: int):
+        if scene not in writers:
+            writers[scene] = eng.open_writer(plans[scene], card)
+        return writers[scene]
+
+    total_px = sum(plans[i].info.shape[0] * plans[i].info.shape[1] for i in remaining)
     progress = Progress(len(items), total_px, cfg.runtime.progress)
+    finishing: dict[int, Any] = {}  # scene -> its writer's run record, or the engine's promise of it
     failed = 0
     t_setup = time.monotonic() - t0
     try:
-        for result in results:
-            plan = plans[result.scene]
-            block = plan.grid.block(result.row, result.col)
-            if result.error is not None:
+        writer(items[0].scene)
+        for outcome in eng.results(plans, items):
+            plan = plans[outcome.scene]
+            block = plan.grid.block(outcome.row, outcome.col)
+            if outcome.error is not None:
                 failed += 1
-                log.error("block failed: %s", result.error)
+                log.error("block failed: %s", outcome.error)
                 if failed > cfg.runtime.max_failed_blocks:
                     raise BlockError(
-                        result.error
+                        outcome.error
                         + (f" ({failed} blocks failed; runtime.max_failed_blocks={cfg.runtime.max_failed_blocks})"
                            if cfg.runtime.max_failed_blocks else "")
                     )
-            writers[result.scene].add(block, result)
+            writer(outcome.scene).add(block, outcome.result)
             release_free_memory()
             if on_result is not None:
-                on_result(result)
+                on_result(outcome)
             progress.update(int(block.window.width * block.window.height))
-            remaining[result.scene] -= 1
-            if remaining[result.scene] == 0:
-                records[result.scene] = writers.pop(result.scene).finish(
+            remaining[outcome.scene] -= 1
+            if remaining[outcome.scene] == 0:  # the writer completes the scene while others go on
+                finishing[outcome.scene] = writers.pop(outcome.scene).finish(
                     {"setup": round(t_setup, 3), "total": round(time.monotonic() - t0, 3)}
                 )
                 release_free_memory()
-                log.info("wrote %s", plan.out_dir)
+        for scene, pending in finishing.items():
+            records[scene] = eng.result(pending)
+            log.info("wrote %s", plans[scene].out_dir)
     except BaseException:
-        close = getattr(results, "close", None)
-        if close is not None:
-            close()
         for w in writers.values():
             w.abort()
         raise
     finally:
         progress.close()
-    _write_collection(cfg, records, model.card)
-    if cfg.output.report and any(records):  # the run's page over its scenes' pages
-        from geoseg.report import write_run_report
-
-        write_run_report(cfg.output.dir, cfg.storage)
-    return records
 
 
 def _write_collection(cfg: JobConfig, records: list[dict[str, Any]], card) -> None:

@@ -29,7 +29,7 @@ from geoseg.grid import Block
 from geoseg.io import raster, store
 from geoseg.plan import ScenePlan
 
-__all__ = ["SceneWriter", "fingerprint", "load_run_record", "load_block_record", "block_sha256"]
+__all__ = ["SceneWriter", "prepare_scene", "stored_blocks", "fingerprint", "load_run_record", "load_block_record", "block_sha256"]
 
 
 def fingerprint(cfg: JobConfig, card, info: raster.RasterInfo, plan_bands: list[int]) -> dict[str, Any]:
@@ -82,6 +82,53 @@ def block_sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
+def prepare_scene(plan: ScenePlan, cfg: JobConfig, card, *, overwrite: bool = False) -> set[str]:
+    """Before a scene's writer opens (in the driver): refuse finished outputs unless ``overwrite``, refuse partial
+    results of another configuration, record this job's fingerprint (``job.json``). Returns the ids of the
+    blocks an earlier run of the same job stored (they are read back, not predicted)."""
+    s = cfg.storage
+    run_record, partial = _run_record_path(plan), _partial_dir(plan)
+    fp = _jsonable(fingerprint(cfg, card, plan.info, plan.bands))
+    if store.exists(run_record, s):
+        if not overwrite:
+            raise OutputError(
+                f"{run_record}: outputs of scene {plan.stem!r} already exist; "
+                "pass --overwrite (output.overwrite=true) to replace them"
+            )
+        store.remove_tree(plan.out_dir, s)
+    job_path = store.join(partial, "job.json")
+    if store.exists(job_path, s):
+        old = json.loads(store.read_bytes(job_path, s))
+        if old != fp:
+            if not overwrite:
+                raise OutputError(
+                    f"{partial}: holds partial results of a different configuration or model; "
+                    "pass --overwrite (output.overwrite=true) to discard them and start fresh"
+                )
+            store.remove_tree(plan.out_dir, s)
+        elif overwrite:
+            store.remove_tree(plan.out_dir, s)
+    store.write_bytes(job_path, json.dumps(fp, indent=1).encode(), s)
+    return _block_ids(plan, s)
+
+
+def stored_blocks(plan: ScenePlan, cfg: JobConfig, card) -> set[str]:
+    """The ids of the blocks an earlier run of this same job stored (empty when its fingerprint differs);
+    reads only."""
+    job_path = store.join(_partial_dir(plan), "job.json")
+    if not store.exists(job_path, cfg.storage):
+        return set()
+    if json.loads(store.read_bytes(job_path, cfg.storage)) != _jsonable(fingerprint(cfg, card, plan.info, plan.bands)):
+        return set()
+    return _block_ids(plan, cfg.storage)
+
+
+def _block_ids(plan: ScenePlan, storage) -> set[str]:
+    prefix = store.join(_partial_dir(plan), "blocks")
+    names = store.list_dir(prefix, storage) if store.exists(prefix, storage) else []
+    return {PurePosixPath(n).name[: -len(".npz")] for n in names if n.endswith(".npz")}
+
+
 class SceneWriter:
     """The single writer of one scene: mask COG, vectors, block records, run record.
 
@@ -89,7 +136,7 @@ class SceneWriter:
     ``run.json`` goes last.
     """
 
-    def __init__(self, plan: ScenePlan, cfg: JobConfig, card, *, overwrite: bool = False):
+    def __init__(self, plan: ScenePlan, cfg: JobConfig, card):
         self.plan = plan
         self.cfg = cfg
         self.card = card
@@ -97,13 +144,11 @@ class SceneWriter:
         self.out_dir = plan.out_dir
         self.partial = _partial_dir(plan)
         self.run_record = _run_record_path(plan)
-        self.fp = fingerprint(cfg, card, plan.info, plan.bands)
         self.t0 = time.time()
         self.stats = {"model_calls": 0, "tiles_inferred": 0, "tiles_skipped_nodata": 0, "blocks_resumed": 0,
                       "blocks_computed": 0, "blocks_read": 0}
         self.failed: dict[str, str] = {}
         self.done: dict[str, str] = {}  # block id -> sha256 of its mask
-        self._prepare(overwrite)
         if store.is_s3(self.out_dir):
             self.work = Path(tempfile.mkdtemp(prefix=f"geoseg-{plan.stem}-"))
         else:
@@ -132,36 +177,6 @@ class SceneWriter:
             except BaseException:
                 self.mask_writer.abort()  # no scratch file left behind by a setting refused here
                 raise
-
-    # -- resume -------------------------------------------------------------------------------------------
-    def _prepare(self, overwrite: bool) -> None:
-        s = self.storage
-        if store.exists(self.run_record, s):
-            if not overwrite:
-                raise OutputError(
-                    f"{self.run_record}: outputs of scene {self.plan.stem!r} already exist; "
-                    "pass --overwrite (output.overwrite=true) to replace them"
-                )
-            store.remove_tree(self.out_dir, s)
-        job_path = store.join(self.partial, "job.json")
-        if store.exists(job_path, s):
-            old = json.loads(store.read_bytes(job_path, s))
-            if old != _jsonable(self.fp):
-                if not overwrite:
-                    raise OutputError(
-                        f"{self.partial}: holds partial results of a different configuration or model; "
-                        "pass --overwrite (output.overwrite=true) to discard them and start fresh"
-                    )
-                store.remove_tree(self.out_dir, s)
-            elif overwrite:
-                store.remove_tree(self.out_dir, s)
-        store.write_bytes(job_path, json.dumps(_jsonable(self.fp), indent=1).encode(), s)
-
-    def resumable_blocks(self) -> set[str]:
-        """Block ids with a stored result from an earlier run of the same job."""
-        prefix = store.join(self.partial, "blocks")
-        names = store.list_dir(prefix, self.storage) if store.exists(prefix, self.storage) else []
-        return {PurePosixPath(n).name[: -len(".npz")] for n in names if n.endswith(".npz")}
 
     def _record_block(self, block_id: str, mask: np.ndarray, sha: str) -> None:
         buf = io.BytesIO()

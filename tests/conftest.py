@@ -58,11 +58,12 @@ def tiny_unet(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole test run: 2 CPUs, one logical GPU (so GPU actors get scheduled), no dashboard."""
+    """One local Ray for the whole test run: 3 logical CPUs (on 2 cores: inference actors, a scene writer and a
+    task fit at once), one logical GPU (so GPU actors get scheduled), no dashboard."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=3, num_gpus=1, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray
     # left running for later tests; Ray shuts down at interpreter exit

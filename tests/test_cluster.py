@@ -29,7 +29,7 @@ import yaml
 from rasterio.windows import Window
 
 from tests.cluster import RayCluster
-from tests.vrt import tiled_vrt
+from tools.vrt import tiled_vrt
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

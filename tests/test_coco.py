@@ -25,7 +25,7 @@ from pycocotools.coco import COCO  # noqa: E402
 
 from geoseg.cli import main  # noqa: E402
 from tests.conftest import SHARED_DATA, _require  # noqa: E402
-from tests.vrt import tiled_vrt  # noqa: E402
+from tools.vrt import tiled_vrt  # noqa: E402
 
 CHIP = "OAM-1238424-1046544-21"
 FAST = ("runtime.engine=local", "output.report=false", "vector.formats=[parquet]")

@@ -19,18 +19,20 @@ from geoseg.config import JobConfig
 def engines(monkeypatch):
     """Record which engine each run used; the 'ray' engine runs the local one (same outputs, no Ray start)."""
     used: list[str] = []
-    local = local_engine.local_engine
+    local = local_engine.LocalEngine
 
-    def fake_local(plans, items, cfg, model):
-        used.append("local")
-        return local(plans, items, cfg, model)
+    class FakeLocal(local):
+        def __enter__(self):
+            used.append("local")
+            return super().__enter__()
 
-    def fake_ray(plans, items, cfg, model):
-        used.append("ray")
-        return local(plans, items, cfg, model)
+    class FakeRay(local):
+        def __enter__(self):
+            used.append("ray")
+            return super().__enter__()
 
-    monkeypatch.setattr(local_engine, "local_engine", fake_local)
-    monkeypatch.setattr(ray_engine, "ray_engine", fake_ray)
+    monkeypatch.setattr(local_engine, "LocalEngine", FakeLocal)
+    monkeypatch.setattr(ray_engine, "RayEngine", FakeRay)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     return used
 

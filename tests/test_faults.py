@@ -115,7 +115,7 @@ def sig_reference(tmp_path_factory, s2_chip, dw_model) -> dict[str, bytes]:
 def _cli(out: Path, chip: Path, *extra: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "geoseg.cli", "predict", str(chip), "--out", str(out), "--set",
             "runtime.engine=ray", "--set", "runtime.workers=2", "--set", "runtime.cpus_per_worker=0.5",
-            "--set", "runtime.num_cpus=2", *[x for s in SIG_SETS for x in ("--set", s)], *extra]
+            "--set", "runtime.num_cpus=2", "--set", "runtime.cpus_per_task=0.5", *[x for s in SIG_SETS for x in ("--set", s)], *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

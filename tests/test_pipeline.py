@@ -126,7 +126,7 @@ def test_mask_is_a_valid_cog(tmp_path, s2_chip, dw):
 def test_memory_flat_with_image_size(tmp_path, s2_chip, tiny_unet):
     """Peak traced allocations for a 4x larger input (VRT mosaics of the chip, 1024^2 vs 2048^2 px) stay at
     the smaller one's level: memory is bounded by the block, not the image."""
-    from tests.vrt import tiled_vrt
+    from tools.vrt import tiled_vrt
 
     peaks = {}
     for k in (2, 4):

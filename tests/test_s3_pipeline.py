@@ -73,7 +73,7 @@ def test_predict_s3_to_s3_matches_local_bytes(s3_server, bucket, local_reference
 def test_workers_read_input_by_range(s3_server, bucket, s2_chip):
     """All reads of the input are ranged GETs made by GDAL (/vsis3/) in the workers: no download, no data
     through the driver."""
-    from tests.s3server import CountingProxy
+    from tools.s3server import CountingProxy
 
     with CountingProxy(s3_server.endpoint_url) as proxy:
         res = _cli(s3_server, "predict", f"s3://{bucket}/in/{STEM}.tif", "--out", f"s3://{bucket}/out-proxy/",

@@ -21,13 +21,13 @@ from geoseg.io import s3 as s3io
 from geoseg.io.store import AccessDeniedError, EndpointUnreachableError, ObjectNotFoundError
 
 if TYPE_CHECKING:
-    from tests.s3server import S3Server
+    from tools.s3server import S3Server
 
 # The s3_server fixture; one registration per session even when tests/conftest.py names it too. Helpers from that
 # module are imported inside the tests, after pytest has registered (and assertion-rewritten) it.
 pytest_plugins = ["tests.s3server"]
 
-# The fake credentials the fixture puts in the environment (tests.s3server.ACCESS_KEY / SECRET_KEY).
+# The fake credentials the fixture puts in the environment (tools.s3server.ACCESS_KEY / SECRET_KEY).
 ACCESS_KEY = "AKIAGEOSEGTESTKEY000"
 SECRET_KEY = "geoseg-test-secret-DO-NOT-LEAK-0123456789"
 
@@ -157,7 +157,7 @@ def test_one_cog_block_costs_a_few_ranged_requests(
     s3_server: S3Server, bucket: str, s2_chip: Path, tmp_path: Path
 ) -> None:
     """Reading one 256x256 block of a 2048x2048 COG on S3 fetches the header and that tile, not the file."""
-    from tests.s3server import CountingProxy
+    from tools.s3server import CountingProxy
 
     cog = tmp_path / "cog.tif"
     _make_cog(s2_chip, cog)
@@ -428,7 +428,7 @@ def test_access_denied(s3_server: S3Server, bucket: str, storage: StorageConfig,
 
 
 def test_unreachable_endpoint_fails_fast_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.s3server import free_port
+    from tools.s3server import free_port
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
@@ -450,14 +450,14 @@ def test_unreachable_endpoint_fails_fast_with_a_clear_message(monkeypatch: pytes
 
 
 def test_fake_credentials_match_the_fixture() -> None:
-    from tests import s3server
+    from tools import s3server
 
     assert (s3server.ACCESS_KEY, s3server.SECRET_KEY) == (ACCESS_KEY, SECRET_KEY)
 
 
 def test_anonymous_requests_are_unsigned(s3_server: S3Server, bucket: str, s2_chip: Path) -> None:
     """``anonymous: true`` (public buckets): neither GDAL nor s3fs signs, so no credential leaves the machine."""
-    from tests.s3server import CountingProxy
+    from tools.s3server import CountingProxy
 
     public = "geoseg-public"
     s3 = s3_server.client()
