@@ -2,7 +2,7 @@
 
 A scene's page shows a preview (the class mask over an RGB rendering of the input: a 2-98 percentile stretch,
 the model's colours with transparency, a scale bar drawn into the picture), a legend, the class-area table from
-``run.json`` and a bar chart of it (matplotlib, Agg), the run's facts (input, model card, timings, megapixels
+``run.json`` and a bar chart of it (inline SVG), the run's facts (input, model card, timings, megapixels
 per second, blocks, skipped nodata tiles, warnings) and links to every output. A run's page adds up the scenes'
 tables and shows a mosaic of their previews when they share a CRS.
 
@@ -259,31 +259,36 @@ def _backdrop(record, shape, out_shape, storage, notes) -> np.ndarray | None:
 # ------------------------------------------------------------------------------------------ chart, tables
 
 
-def _bar_chart(table: dict[str, Any], palette_by_name: dict[str, tuple[int, int, int]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
+def _bar_chart(table: dict[str, Any], palette_by_name: dict[str, tuple[int, int, int]]) -> str:
+    """Class areas as horizontal bars (ha, with the percent of the valid area), as inline SVG: no plotting
+    library to import, text that stays sharp and searchable."""
     names = list(table.get("classes", {}))
-    ha = [table["classes"][n]["area_ha"] for n in names]
-    pct = [table["classes"][n]["percent"] for n in names]
-    fig = Figure(figsize=(6.2, 0.42 * max(len(names), 1) + 1.0), dpi=100)
-    ax = fig.add_subplot()
-    colours = [tuple(c / 255 for c in palette_by_name.get(n, (128, 128, 128))) for n in names]
-    y = np.arange(len(names))
-    ax.barh(y, ha, color=colours, edgecolor="#333", linewidth=0.5)
-    ax.set_yticks(y, names)
-    ax.invert_yaxis()
-    ax.set_xlabel("area (ha)")
-    for yi, (h, p) in enumerate(zip(ha, pct)):
-        ax.text(h, yi, f" {p:.1f} %", va="center", fontsize=8)
-    ax.set_xlim(0, (max(ha) if ha else 1) * 1.18 or 1)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    ha = [float(table["classes"][n]["area_ha"]) for n in names]
+    pct = [float(table["classes"][n]["percent"]) for n in names]
+    label_w, bar_w, row_h, top = 150, 380, 24, 8
+    width, base = label_w + bar_w + 70, top + row_h * max(len(names), 1)
+    height, top_ha = base + 34, (max(ha) if ha else 0.0) or 1.0
+    p10 = 10 ** math.floor(math.log10(top_ha / 4))  # axis ticks: 1, 2 or 5 times a power of ten
+    step = next(m * p10 for m in (1, 2, 5, 10) if m * p10 >= top_ha / 4)
+    dec = max(0, -math.floor(math.log10(step)))
+    x = lambda v: label_w + bar_w * v / (step * math.ceil(top_ha / step))  # noqa: E731
+    out = [f'<svg id="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="class areas (ha)" '
+           'font-family="sans-serif" font-size="12">']
+    for k in range(int(math.ceil(top_ha / step)) + 1):
+        gx = x(k * step)
+        out.append(f'<line x1="{gx:.1f}" y1="{top}" x2="{gx:.1f}" y2="{base}" stroke="#ddd"/>'
+                   f'<text x="{gx:.1f}" y="{base + 14}" text-anchor="middle" fill="#444">{_fmt(k * step, dec)}</text>')
+    for i, (n, h, p) in enumerate(zip(names, ha, pct)):
+        y = top + i * row_h
+        c = palette_by_name.get(n, (128, 128, 128))
+        out.append(f'<text x="{label_w - 6}" y="{y + row_h / 2 + 4:.1f}" text-anchor="end">{_e(n)}</text>'
+                   f'<rect data-class="{_e(n)}" x="{label_w}" y="{y + 4}" width="{x(h) - label_w:.2f}" '
+                   f'height="{row_h - 8}" fill="rgb{tuple(c)}" stroke="#333" stroke-width="0.5"/>'
+                   f'<text x="{x(h) + 4:.1f}" y="{y + row_h / 2 + 4:.1f}" fill="#222">{p:.1f} %</text>')
+    out.append(f'<line x1="{label_w}" y1="{base}" x2="{label_w + bar_w}" y2="{base}" stroke="#333"/>'
+               f'<text x="{label_w + bar_w / 2}" y="{height - 4}" text-anchor="middle">area (ha)</text></svg>')
+    return "".join(out)
 
 
 def _area_table_html(table: dict[str, Any], palette_by_name: dict[str, tuple[int, int, int]]) -> str:
@@ -373,8 +378,7 @@ def scene_report_html(record: dict[str, Any], preview_png: bytes | None, notes: 
     parts.append("<h2>Class areas</h2><div class=\"row\">")
     parts.append(_area_table_html(table, palette_by_name))
     if table.get("classes"):
-        parts.append(f'<figure><img id="chart" alt="class areas (ha)" '
-                     f'src="{_data_uri(_bar_chart(table, palette_by_name))}"></figure>')
+        parts.append(f"<figure>{_bar_chart(table, palette_by_name)}</figure>")
     parts.append("</div>")
     parts.append("<h2>Run</h2>")
     parts.append(_dl([
@@ -503,8 +507,7 @@ def run_report_html(scenes, preview_png: bytes | None, notes: Sequence[str] = ()
     parts.append("<h2>Class areas (all scenes)</h2><div class=\"row\">")
     parts.append(_area_table_html(table, palette_by_name))
     if table.get("classes"):
-        parts.append(f'<figure><img id="chart" alt="class areas (ha)" '
-                     f'src="{_data_uri(_bar_chart(table, palette_by_name))}"></figure>')
+        parts.append(f"<figure>{_bar_chart(table, palette_by_name)}</figure>")
     parts.append("</div><h2>Scenes</h2><table id=\"scenes\"><thead><tr><th>scene</th><th>input</th><th>size</th>"
                  "<th>CRS</th><th>valid (ha)</th><th>time (s)</th><th>Mpx/s</th><th>warnings</th></tr></thead><tbody>")
     for s in scenes:
