@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
            "top_processes": sorted(((round(cpu.used(p), 2), cpu.names.get(p, "?")) for p in cpu.last),
                                    reverse=True)[:6]}
     print(json.dumps(out, indent=1))
-    result("driver CPU share of a many-scene job", share, "<=", 0.02,
+    result("driver CPU share of a many-scene job", round(share * 100, 2) if share is not None else None, "<=", 2.0,
+           unit="%",
            note=f"{args.scenes} scenes x {px / 1e6:.2f} MP, driver {driver:.2f} CPU-s of {total:.1f}, "
                 f"{driver / gp:.1f} CPU-s/GP, one driver coordinates <= {gp / driver * 1e3:.1f} MP/s")
     if args.json:
