@@ -68,9 +68,9 @@ class Node:
     def raylet(self) -> psutil.Process | None:
         for p in _session_procs({self.sid}):
             try:
-                if p.name() == "raylet":
+                if p.name() == "raylet" and p.status() != psutil.STATUS_ZOMBIE:
                     return p
-            except psutil.NoSuchProcess:
+            except psutil.Error:
                 pass
         return None
 
@@ -148,7 +148,11 @@ class RayCluster:
                 raise ClusterError(f"ray start of {node.name} exited {node.proc.returncode}:\n{self.tail(node.log)}")
             raylet = node.raylet()
             if raylet is not None and self.dashboard:
-                m = re.search(r"--node_id=([0-9a-f]+)", " ".join(raylet.cmdline()))
+                try:
+                    m = re.search(r"--node_id=([0-9a-f]+)", " ".join(raylet.cmdline()))
+                except psutil.Error:  # it died since: a failed start, seen by the next poll or the timeout
+                    time.sleep(0.25)
+                    continue
                 alive = {n["node_id"]: n for n in self.list_nodes() if n["state"] == "ALIVE"}
                 if m and m.group(1) in alive:
                     if alive[m.group(1)]["node_ip"] != HOST:
@@ -158,9 +162,24 @@ class RayCluster:
             time.sleep(0.25)
         raise ClusterError(f"{node.name} did not join within {timeout:g} s:\n{self.tail(node.log)}")
 
-    def start(self, head_cpus: int, workers: dict[str, int], timeout: float = 120) -> list[Node]:
+    def start(self, head_cpus: int, workers: dict[str, int], timeout: float = 120, attempts: int = 2) -> list[Node]:
         """Start the head and the worker nodes ``{name: num_cpus}``; the workers are started as soon as the
-        head's GCS accepts connections. Returns once every node is registered and the Jobs API answers."""
+        head's GCS accepts connections. Returns once every node is registered and the Jobs API answers. A start
+        that fails (a raylet seen dying at start on a busy machine; a port taken between picking and binding)
+        is stopped and tried again with fresh ports and directories, ``attempts`` times in all."""
+        for attempt in range(attempts):
+            try:
+                return self._start_cluster(head_cpus, workers, timeout)
+            except (ClusterError, psutil.Error) as e:
+                if attempt + 1 == attempts:
+                    raise
+                print(f"cluster start failed ({type(e).__name__}: {str(e)[:300]}); starting again", flush=True)
+                self.stop()
+                self.root = Path(tempfile.mkdtemp(prefix="gsr", dir="/tmp"))
+                self.nodes = []
+        raise AssertionError("unreachable")
+
+    def _start_cluster(self, head_cpus: int, workers: dict[str, int], timeout: float) -> list[Node]:
         gcs, dash, client = free_ports(3)
         self.gcs_address = f"{HOST}:{gcs}"
         self.dashboard = f"http://{HOST}:{dash}"
