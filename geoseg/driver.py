@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from geoseg._memory import release_free_memory
 from geoseg.blocks import BlockOutcome, WorkItem
 from geoseg.config import JobConfig, apply_overrides, config_from_dict
 from geoseg.errors import BlockError, ConfigError, GeosegError, InputError, OutputError
@@ -260,7 +259,6 @@ def _stream(eng, plans: list[ScenePlan], items: list[WorkItem], remaining: dict[
                            if cfg.runtime.max_failed_blocks else "")
                     )
             writer(outcome.scene).add(block, outcome.result)
-            release_free_memory()
             if on_result is not None:
                 on_result(outcome)
             progress.update(int(block.window.width * block.window.height))
@@ -269,7 +267,6 @@ def _stream(eng, plans: list[ScenePlan], items: list[WorkItem], remaining: dict[
                 finishing[outcome.scene] = writers.pop(outcome.scene).finish(
                     {"setup": round(t_setup, 3), "total": round(time.monotonic() - t0, 3)}
                 )
-                release_free_memory()
         for scene, pending in finishing.items():
             records[scene] = eng.result(pending)
             log.info("wrote %s", plans[scene].out_dir)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from geoseg._memory import release_free_memory
 from geoseg.areas import mask_class_areas
 from geoseg.config import JobConfig
 from geoseg.conventions import NODATA, VERSION
@@ -193,6 +194,7 @@ class SceneWriter:
             self._add(block, result)
         except Exception as e:  # a full disk under the scratch mask or the block records
             raise write_failure(self.out_dir, e, f"write block {block.id}") from None
+        release_free_memory()  # the block's buffers, freed above, go back to the OS (benchmarks/README.md)
 
     def _add(self, block: Block, result) -> None:
         sha = block_sha256(result.mask)
@@ -274,6 +276,7 @@ class SceneWriter:
         store.remove_tree(self.partial, self.storage)
         if self.work.exists():
             shutil.rmtree(self.work, ignore_errors=True)
+        release_free_memory()
         return self._record
 
     def _complete_outputs(self, timings: dict[str, float] | None) -> tuple[dict[str, Path], dict[str, str]]:

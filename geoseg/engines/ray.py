@@ -160,9 +160,9 @@ class InferenceActor:
 
     def _predictor(self, model_box: list):
         # The model arrives with the first block, as a reference inside a list (not resolved per call), and
-        # loads once. Not a constructor argument: an object-store argument of a restartable actor makes Ray
-        # log an error-level line at every start (ray-project/ray#53727). A restarted actor loads it again
-        # from the next block's call; the driver holds the reference for the whole job.
+        # loads once. Not a constructor argument: an object-store argument of an actor makes Ray log an
+        # error-level line at its start (ray-project/ray#53727). A replacement for a lost actor loads it from
+        # its first block; the driver holds the reference for the whole job.
         if self.predictor is None:
             from geoseg.infer import Predictor
 
@@ -231,12 +231,9 @@ class WriterActor:
 
     def add(self, scene: int, block, result: BlockResult) -> None:
         self.writers[scene].add(block, result)
-        release_free_memory()
 
     def finish(self, scene: int, timings: dict) -> dict:
-        record = self.writers.pop(scene).finish(timings)
-        release_free_memory()
-        return record
+        return self.writers.pop(scene).finish(timings)
 
     def abort(self, scene: int) -> None:
         w = self.writers.pop(scene, None)
@@ -282,12 +279,16 @@ class _RemoteWriter:
         while self.unacked and (len(self.unacked) > self.max_pending or _ready(self.unacked[0][0])):
             self._settle()
 
+    def _check_opened(self) -> None:
+        """Raise a setting the writer refused when it opened the scene (once, before its blocks)."""
+        if self.opened is not None:
+            _get(self.opened)
+            self.opened = None
+
     def _settle(self) -> None:
         ack, block, _ = self.unacked[0]
         try:
-            if self.opened is not None:
-                _get(self.opened)  # a setting the writer refused, before its blocks
-                self.opened = None
+            self._check_opened()
             _get(ack)  # a writer's failure (a full disk) surfaces here, at once
         except ray.exceptions.RayActorError:
             self._replace()
@@ -320,9 +321,7 @@ class _RemoteWriter:
         """The run record, once every block was taken and the writer finished."""
         while True:
             try:
-                if self.opened is not None:
-                    _get(self.opened)
-                    self.opened = None
+                self._check_opened()
                 while self.unacked:
                     self._settle()
                 return _get(self.record_ref)
