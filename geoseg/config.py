@@ -193,6 +193,10 @@ class VectorConfig(_Section):
     simplify_tolerance_m: float = Field(0.0, ge=0, description="coverage-preserving simplification tolerance")
     include_classes: list[int | str] | None = Field(None, description="keep only these classes (ids or names)")
     exclude_classes: list[int | str] = Field(default_factory=list, description="drop these classes (ids or names)")
+    instances: bool | None = Field(
+        None, description="also write instances.parquet, one polygon per object (geoseg/instances.py); default: "
+        "when the model card declares instances"
+    )
 
 
 class TrainSourceConfig(_Section):
@@ -291,6 +295,11 @@ class TrainConfig(_Section):
         False, description="choose a logit offset for every class but class 0 on the validation split: epochs are "
         "compared by val mIoU at their best offset, and the bundle's head bias gets the best epoch's offset"
     )
+    boundary_px: int = Field(
+        0, ge=0, description="instance training: labelled pixels of the object_classes within this many pixels "
+        "of a pixel of another known class become boundary_class (0: off); the card then declares instances"
+    )
+    boundary_class: int | str | None = Field(None, description="with boundary_px: the class of boundary pixels")
 
     @model_validator(mode="after")
     def _sampling_options(self):
@@ -304,6 +313,8 @@ class TrainConfig(_Section):
                 raise ValueError("train.source_weights and train.scale_range need train.sampling: random")
         if self.scale_range is not None and not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"train.scale_range must be [lo, hi] with 0 < lo <= hi; got {self.scale_range}")
+        if self.boundary_px and (self.boundary_class is None or not self.object_classes):
+            raise ValueError("train.boundary_px needs train.boundary_class and train.object_classes")
         return self
 
 
