@@ -29,7 +29,9 @@ What is written under ``out_dir`` (local or ``s3://``):
   the model's class ids and names. ``score`` is the polygon's mean class probability where the run's polygons carry
   a ``score`` column; geoseg masks do not store probabilities, so otherwise there is no ``score`` key (the COCO
   ``info`` says so). ``instance_id`` is copied when the polygons carry one; ``attributes.polygon_id`` names the
-  run polygon each annotation came from (CVAT keeps ``attributes`` through its COCO round trip).
+  run polygon each annotation came from (CVAT keeps ``attributes`` through its COCO round trip). A scene with
+  ``instances.parquet`` (a model whose card declares instances, ``geoseg.instances``) exports its objects
+  instead: one polygon per object, ``instance_id`` (also in ``attributes``), default classes the seed classes.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class _Scene:
     model: dict[str, Any]
     classes: list[dict[str, Any]]
     default_images: list[str]
+    default_objects: list[int] | None = None  # instances.parquet: its seed classes
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -121,12 +124,16 @@ def _scene_from_dir(d: str, storage: StorageConfig) -> _Scene:
     card = run.get("model") or {}
     classes = [{"id": int(c["id"]), "name": str(c["name"])} for c in card.get("classes", [])]
     polys = store.join(d, "polygons.parquet")
+    seeds = None
+    inst = store.join(d, "instances.parquet")  # objects of an instance model: one polygon per object
+    if isinstance(card.get("instances"), dict) and store.exists(inst, storage):
+        polys, seeds = inst, [int(c) for c in card["instances"]["seed_classes"]]
     inp = (run.get("input") or {}).get("path")
     return _Scene(
         name=os.path.basename(str(d).rstrip("/")), mask=store.join(d, "mask.tif"),
         polygons=polys if store.exists(polys, storage) else None,
         model={"name": card.get("name"), "version": card.get("version")}, classes=classes,
-        default_images=[inp] if isinstance(inp, str) else [],
+        default_images=[inp] if isinstance(inp, str) else [], default_objects=seeds,
     )
 
 
@@ -399,6 +406,7 @@ def _annotations(acc: _Acc, pieces: list, gdf, image_id: int, c0: int, r0: int) 
                 ann["score"] = round(float(row["score"]), 6)
             if "instance_id" in gdf.columns and _present(row["instance_id"]):
                 ann["instance_id"] = int(row["instance_id"])
+                ann["attributes"] = {"instance_id": int(row["instance_id"])}
             if "polygon_id" in gdf.columns:
                 ann["attributes"] = {"polygon_id": int(row["polygon_id"])}
         acc.anns.append(ann)
@@ -418,7 +426,7 @@ def _export_scene(acc: _Acc, scene: _Scene, paths: list[str], ids: set[int], chi
         if scene.polygons is not None:
             gdf, geoms = _load_polygons(scene, mask_ds, ids, storage)
             tree = shapely.STRtree(geoms)
-            acc.has_score = acc.has_score or "score" in gdf.columns
+            acc.has_score = acc.has_score or ("score" in gdf.columns and bool(gdf["score"].notna().any()))
         crs = mask_ds.crs
         for r0 in range(0, mask_ds.height, chip_px):
             for c0 in range(0, mask_ds.width, chip_px):
@@ -506,7 +514,8 @@ def export_coco(
         os.makedirs(os.path.join(acc.stage, IMAGES_DIR))
         os.makedirs(os.path.join(acc.stage, GEOREF_DIR))
         for scene in scenes:
-            objs = object_classes(scene.classes, classes, scene.mask)
+            wanted = classes if classes is not None else scene.default_objects
+            objs = object_classes(scene.classes, wanted, scene.mask)
             for c in objs:
                 cats.setdefault(c["id"], {"id": c["id"], "name": c["name"],
                                           "supercategory": scene.model.get("name") or "geoseg"})

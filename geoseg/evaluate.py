@@ -4,7 +4,10 @@ Pixel metrics come from one confusion matrix (rows truth, columns prediction) ov
 prediction and the labels are known (nodata on either side is skipped): per-class IoU, precision, recall, F1,
 their means, and overall accuracy. Object classes (e.g. buildings) are also scored per instance: connected
 components of the class in prediction and truth, a prediction matching a truth object when their IoU >= 0.5
-(at that threshold a match is unique), giving instance precision / recall / F1.
+(at that threshold a match is unique), giving instance precision / recall / F1. For a model whose card declares
+``instances`` (e.g. building interior + boundary) the footprint classes count as their first seed class in the
+pixel and connected-region metrics, and the objects of ``geoseg.instances.split_footprints`` (what
+``instances.parquet`` holds) are scored too (``instances_split``).
 
 Labels are put on the prediction's grid: label rasters are reprojected (nearest neighbour), polygons
 rasterized. Pure functions over arrays plus two file helpers; no Ray.
@@ -100,14 +103,21 @@ def _components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
 
 
 def instance_counts(pred: np.ndarray, truth: np.ndarray, cls: int, nodata: int = NODATA, connectivity: int = 8,
-                    min_px: int = 1, iou_threshold: float = 0.5) -> InstanceCounts:
+                    min_px: int = 1, iou_threshold: float = 0.5, pred_objects: np.ndarray | None = None
+                    ) -> InstanceCounts:
     """Objects of class ``cls`` (connected components) in prediction and truth, matched at IoU >= 0.5.
 
     Pixels unknown in the truth (nodata) do not count against a predicted object; components smaller than
-    ``min_px`` are dropped on both sides.
+    ``min_px`` are dropped on both sides. ``pred_objects``: the predicted objects of class ``cls`` as a label
+    image (0 = none, e.g. ``geoseg.instances.split_footprints``) instead of the components of ``pred == cls``.
     """
     known = truth != nodata
-    pl, npred = _components((pred == cls) & known, connectivity)
+    if pred_objects is None:
+        pl, npred = _components((pred == cls) & known, connectivity)
+    else:
+        ids, inv = np.unique(np.where(known, pred_objects, 0), return_inverse=True)
+        pl = inv.reshape(pred_objects.shape) if ids[0] == 0 else inv.reshape(pred_objects.shape) + 1
+        npred = int(pl.max())
     tl, ntruth = _components(truth == cls, connectivity)
     parea = np.bincount(pl.ravel(), minlength=npred + 1)
     tarea = np.bincount(tl.ravel(), minlength=ntruth + 1)
@@ -245,26 +255,54 @@ def _rasterize_labels(path, profile, class_column, class_value, class_names, lut
                      dtype="uint8")
 
 
+def _as_seed_class(pred: np.ndarray, spec) -> np.ndarray:
+    """Footprint classes (e.g. building boundary) counted as the first seed class (building)."""
+    out = pred.copy()
+    out[np.isin(pred, [c for c in spec.footprint_classes if c not in spec.seed_classes])] = spec.seed_classes[0]
+    return out
+
+
 def evaluate_arrays(pred: np.ndarray, truth: np.ndarray, names: list[str], object_classes: list[int],
-                    min_object_px: int = 1) -> dict:
-    """Per-image partial results (confusion matrix and instance counts) that sum over images."""
+                    min_object_px: int = 1, instances=None, connectivity: int = 4) -> dict:
+    """Per-image partial results (confusion matrix and instance counts) that sum over images. ``instances``: a
+    card's ``InstanceSpec``; its objects (``geoseg.instances.split_footprints`` with ``connectivity``) are
+    scored as ``instances_split``."""
     k = len(names)
-    return {
-        "cm": confusion(pred, truth, k),
-        "instances": {c: instance_counts(pred, truth, c, min_px=min_object_px) for c in object_classes},
-    }
+    part: dict = {}
+    if instances is not None:
+        from geoseg.instances import split_footprints
+
+        objects, label_class = split_footprints(pred, instances.footprint_classes, instances.seed_classes,
+                                                connectivity=connectivity, min_seed_px=instances.min_seed_px)
+        of_class = np.zeros(len(label_class) + 1, np.int64)
+        for lab, c in label_class.items():
+            of_class[lab] = c
+        part["instances_split"] = {
+            c: instance_counts(pred, truth, c, min_px=min_object_px,
+                               pred_objects=np.where(of_class[objects] == c, objects, 0))
+            for c in object_classes
+        }
+        pred = _as_seed_class(pred, instances)
+    part["cm"] = confusion(pred, truth, k)
+    part["instances"] = {c: instance_counts(pred, truth, c, min_px=min_object_px) for c in object_classes}
+    return part
 
 
 def merge_reports(parts: list[dict], names: list[str], object_classes: list[int], files: list[dict]) -> dict:
     k = len(names)
     cm = np.zeros((k, k), np.int64)
     inst = {c: InstanceCounts() for c in object_classes}
+    split = {c: InstanceCounts() for c in object_classes} if any("instances_split" in p for p in parts) else None
     for p in parts:
         cm += p["cm"]
         for c, v in p["instances"].items():
             inst[c].add(v)
+        for c, v in p.get("instances_split", {}).items():
+            split[c].add(v)
     report = pixel_metrics(cm, names)
     report["instances"] = {names[c]: inst[c].as_dict() for c in object_classes}
+    if split is not None:
+        report["instances_split"] = {names[c]: split[c].as_dict() for c in object_classes}
     report["files"] = files
     return report
 
@@ -286,11 +324,13 @@ def _resolve_objects(object_classes, names: list[str]) -> list[int]:
 
 def evaluate_files(pairs: list[tuple[str, str]], *, class_names: list[str] | None = None,
                    object_classes=None, label_map: dict[int, int] | None = None, class_column: str | None = None,
-                   class_value: int | None = None, ignore_values: tuple = (), min_object_px: int = 1) -> dict:
+                   class_value: int | None = None, ignore_values: tuple = (), min_object_px: int = 1,
+                   instances=None, connectivity: int = 4) -> dict:
     """Score (prediction, labels) file pairs together; returns the report dict.
 
     ``min_object_px``: objects (connected components) smaller than this many pixels are not counted, on either
-    side, in the instance metrics (pixel metrics are unaffected)."""
+    side, in the instance metrics (pixel metrics are unaffected). ``instances``: the model card's
+    ``InstanceSpec`` (see ``evaluate_arrays``)."""
     parts, files, names = [], [], class_names
     for pred_path, lab_path in pairs:
         pred, profile, tag_names = _read_mask(pred_path)
@@ -304,11 +344,13 @@ def evaluate_files(pairs: list[tuple[str, str]], *, class_names: list[str] | Non
         if bad.size:
             raise InputError(f"{lab_path}: label classes {bad.tolist()} are not among the classes {names}")
         objs = _resolve_objects(object_classes, names)
-        parts.append(evaluate_arrays(pred, truth, names, objs, min_object_px))
+        parts.append(evaluate_arrays(pred, truth, names, objs, min_object_px, instances, connectivity))
         files.append({"prediction": pred_path, "labels": lab_path, "pixels": int(parts[-1]["cm"].sum())})
     report = merge_reports(parts, names, _resolve_objects(object_classes, names), files)
-    for v in report["instances"].values():
+    for v in [*report["instances"].values(), *report.get("instances_split", {}).values()]:
         v["min_object_px"] = min_object_px
+    for v in report.get("instances_split", {}).values():
+        v["objects"] = f"geoseg.instances.split_footprints ({connectivity}-connected), as in instances.parquet"
     return report
 
 
@@ -329,6 +371,14 @@ def format_markdown(report: dict) -> str:
                          f"{v['matched']} / {v['predicted']} / {v['truth']} |")
         mo = next(iter(report["instances"].values())).get("min_object_px", 1)
         lines += ["", f"objects: connected components (8-connected) of at least {mo} px, matched at IoU >= 0.5"]
+    if report.get("instances_split"):
+        lines += ["", "| object class | split precision | split recall | split F1 | matched / predicted / truth |",
+                  "|---|---|---|---|---|"]
+        for n, v in report["instances_split"].items():
+            lines.append(f"| {n} | {f(v['precision'])} | {f(v['recall'])} | {f(v['f1'])} | "
+                         f"{v['matched']} / {v['predicted']} / {v['truth']} |")
+        lines += ["", "split: predicted objects of geoseg.instances (interiors grown back to the footprint), as in "
+                  "instances.parquet; truth objects as above"]
     names = report["class_names"]
     lines += ["", "confusion matrix (rows truth, columns prediction):", "",
               "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -396,10 +446,12 @@ def score_predictions(files: list[str], pred_dir: str, labels: str, card, *, obj
 
     pairs = [(os.path.join(pred_dir, scene_stem(f), "mask.tif"), labels.replace("{stem}", scene_stem(f)))
              for f in files]
-    objs = list(object_classes) or ([1] if len(card.class_names) == 2 else [])
+    spec = getattr(card, "instances", None)
+    objs = list(object_classes) or (list(spec.seed_classes) if spec is not None else
+                                    [1] if len(card.class_names) == 2 else [])
     report = evaluate_files(pairs, class_names=card.class_names, object_classes=objs,
                             label_map=_parse_label_map(label_map), class_column=class_column,
-                            min_object_px=min_object_px)
+                            min_object_px=min_object_px, instances=spec)
     report["model"] = {"name": card.name, "version": card.version}
     return report
 

@@ -203,6 +203,40 @@ def test_sampling_options_are_checked(bld, train):
         _cfg([_area1(bld, 2, split="train"), _area2(bld, "val", 1, split="val")], **train)
 
 
+CLASSES3 = CLASSES + [{"id": 2, "name": "building_boundary", "color": "#FD8D3C"}]
+
+
+def test_boundary_labels_for_instance_training(bld):
+    """train.boundary_px: building pixels within N px of a background pixel become the boundary class, on the whole
+    scene (chip and raster edges make no boundary); the card declares the instance layout."""
+    from scipy import ndimage
+
+    from geoseg.train.card_fill import make_card
+    from geoseg.train.loop import ChipStore
+
+    src = _area2(bld, "val", 3, split="val")
+    cfg = config_from_dict({"train": {"classes": CLASSES3, "sources": [src], "object_classes": ["building"],
+                                      "boundary_px": 3, "boundary_class": "building_boundary"}})
+    scenes = index_sources(cfg.train)
+    store = ChipStore(scenes, [0, 1, 2], {c["name"]: c["id"] for c in CLASSES3})
+    for s in scenes:
+        with rasterio.open(s.labels) as m:
+            truth = m.read(1)
+        lab = store.labels(s.index)
+        dist = ndimage.distance_transform_edt(truth != 0)  # to the nearest background pixel
+        assert np.array_equal(lab == 2, (truth == 1) & (dist <= 3))
+        assert np.array_equal(lab == 1, (truth == 1) & (dist > 3))
+        assert np.array_equal(lab == 0, truth == 0)
+        edge = np.zeros_like(truth, bool)
+        edge[[0, -1], :] = edge[:, [0, -1]] = True
+        assert (lab[edge & (truth == 1) & (dist > 3)] == 1).all()  # the raster's edge is not a boundary
+    card = make_card(cfg.train, band_names=["red", "green", "blue"], mean=[0.0] * 3, std=[1.0] * 3, gsd_m=0.1,
+                     dtype="uint8", output_stride=16, halo_px=0, arch_params={})
+    assert (card.instances.footprint_classes, card.instances.seed_classes, card.instances.boundary_px) == ([1, 2], [1], 3)
+    with pytest.raises(ConfigError, match="boundary_px"):
+        config_from_dict({"train": {"classes": CLASSES3, "sources": [src], "boundary_px": 3}})
+
+
 def test_resampled_chips_keep_labels_on_their_pixels(bld):
     from geoseg.train.loop import ChipDataset, ChipStore, resample_chip
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from geoseg.errors import ModelError
 from geoseg.models._exact import simd_inplace
 
-__all__ = ["ClassInfo", "Normalization", "ModelCard", "NORMALIZATIONS"]
+__all__ = ["ClassInfo", "InstanceSpec", "Normalization", "ModelCard", "NORMALIZATIONS"]
 
 _HEX = re.compile(r"^#[0-9A-Fa-f]{6}$")
 
@@ -167,6 +167,23 @@ class ClassInfo(_Frozen):
         return v.upper()
 
 
+class InstanceSpec(_Frozen):
+    """How a model's classes make object instances (``geoseg.instances``): the pixels of ``footprint_classes``
+    form an object's footprint, the connected components of ``seed_classes`` inside it (building interiors,
+    with a boundary class around them) are its objects, grown back to the footprint."""
+
+    footprint_classes: list[int] = Field(min_length=1, description="class ids whose pixels form footprints")
+    seed_classes: list[int] = Field(min_length=1, description="class ids whose components are the objects")
+    boundary_px: int | None = Field(None, ge=0, description="boundary width the model was trained with")
+    min_seed_px: int = Field(1, ge=1, description="seed components smaller than this are not objects of their own")
+
+    @model_validator(mode="after")
+    def _check(self) -> InstanceSpec:
+        if not set(self.seed_classes) <= set(self.footprint_classes):
+            raise ValueError(f"seed_classes {self.seed_classes} must be footprint classes {self.footprint_classes}")
+        return self
+
+
 class ModelCard(_Frozen):
     """What a model expects, what it outputs and how to tile it. See the module docstring."""
 
@@ -199,6 +216,16 @@ class ModelCard(_Frozen):
     license: str
     attribution: str
     description: str = ""
+    instances: InstanceSpec | None = Field(
+        None, description="object instances: footprint and seed classes (absent: connected regions only)"
+    )
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_instances(self, handler):
+        data = handler(self)  # cards without instances serialise as before the field existed
+        if isinstance(data, dict) and data.get("instances", 0) is None:
+            data.pop("instances")
+        return data
 
     @field_validator("version", mode="before")
     @classmethod
@@ -224,6 +251,10 @@ class ModelCard(_Frozen):
                 raise ValueError(f"{key}: must be [low, high] with low < high; got {list(lo_hi)}")
         if self.gsd_range_m is not None and not self.gsd_range_m[0] <= self.gsd_m <= self.gsd_range_m[1]:
             raise ValueError(f"gsd_range_m {list(self.gsd_range_m)} does not contain gsd_m {self.gsd_m}")
+        if self.instances is not None:
+            unknown = sorted(set(self.instances.footprint_classes) - set(ids))
+            if unknown:
+                raise ValueError(f"instances: class ids {unknown} are not in classes {sorted(ids)}")
         return self
 
     @property

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from rasterio.windows import Window
 
-from geoseg.models.card import ClassInfo, ModelCard, Normalization
+from geoseg.models.card import ClassInfo, InstanceSpec, ModelCard, Normalization
+from geoseg.train.boundary import boundary_spec
 
 __all__ = ["make_card", "measure_halo", "tiled_vs_whole_agreement"]
 
@@ -31,6 +32,11 @@ def make_card(tcfg, *, band_names: list[str], mean: list[float], std: list[float
         extra["gsd_range_m"] = [round(float(gsd_range_m[0]), 4), round(float(gsd_range_m[1]), 4)]
     if value_range is not None and "value_range" in ModelCard.model_fields:
         extra["value_range"] = [float(value_range[0]), float(value_range[1])]
+    spec = boundary_spec(tcfg)
+    if spec:  # train.boundary_px: the footprint is the object classes plus the boundary class
+        width, seeds, boundary = spec
+        extra["instances"] = InstanceSpec(footprint_classes=sorted((*seeds, boundary)), seed_classes=list(seeds),
+                                          boundary_px=width)
     return ModelCard(
         **extra,
         name=tcfg.name, version=tcfg.version, architecture=tcfg.architecture, arch_params=arch_params,

@@ -20,7 +20,7 @@ import hashlib
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from geoseg.errors import ConfigError, InputError
+from geoseg.train.boundary import IGNORE, add_boundary, boundary_spec
 
 __all__ = [
     "IGNORE",
@@ -49,7 +50,6 @@ __all__ = [
     "class_histogram",
 ]
 
-IGNORE = 255
 _VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".parquet", ".geoparquet", ".shp", ".fgb")
 
 
@@ -75,6 +75,8 @@ class Scene:
     label_map: tuple[tuple[int, int], ...] = ()
     ignore_values: tuple[float, ...] = ()
     descriptions: tuple[str | None, ...] = ()
+    # train.boundary_px: (width px, footprint class ids, boundary class id), or () when off
+    boundary: tuple = ()
 
     @property
     def name(self) -> str:
@@ -156,6 +158,9 @@ def index_sources(tcfg) -> list[Scene]:
             )
         for group in groups:
             scenes.append(_index_scene(len(scenes), si, group, s, tcfg))
+    boundary = boundary_spec(tcfg)
+    if boundary:
+        scenes = [replace(sc, boundary=boundary) for sc in scenes]
     counts = {}
     for sc in scenes:
         counts.setdefault(len(sc.bands), sc)
@@ -262,7 +267,15 @@ def _map_classes(raw: np.ndarray, known: np.ndarray, scene: Scene, class_ids: li
 
 
 def load_labels(scene: Scene, class_ids: list[int], class_names: dict[str, int] | None = None) -> np.ndarray:
-    """The scene's labels on its own grid: uint8 class ids, IGNORE where unlabelled."""
+    """The scene's labels on its own grid: uint8 class ids, IGNORE where unlabelled; with ``scene.boundary``
+    (``train.boundary_px``) the footprint classes' edges become the boundary class (``add_boundary``)."""
+    labels = _load_labels(scene, class_ids, class_names)
+    if scene.boundary:
+        labels = add_boundary(labels, *scene.boundary)
+    return labels
+
+
+def _load_labels(scene: Scene, class_ids: list[int], class_names: dict[str, int] | None = None) -> np.ndarray:
     if scene.kind == "polygons":
         return _rasterize(scene, class_ids, class_names or {})
     with _open(scene.labels) as lab:
