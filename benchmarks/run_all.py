@@ -56,10 +56,15 @@ def _value(r: dict) -> str:
     return "-" if r["value"] is None else f"{r['value']:g}{' ' + r['unit'] if r['unit'] == 's' else r['unit']}"
 
 
+def _goal(r: dict) -> str:
+    unit = " s" if r["unit"] == "s" else r["unit"]
+    if r["op"] == "+-":
+        return f"{r['goal']:g} +- {r['tol']:g}{unit}"
+    return f"{r['op']} {r['goal']:g}{unit}"
+
+
 def table(run_: dict) -> list[str]:
-    rows = [(r["name"], _value(r), f"{r['op']} {r['goal']:g}{' s' if r['unit'] == 's' else r['unit']}", _status(r),
-             r["note"], r["bench"]) for r in run_["results"]]
-    return rows
+    return [(r["name"], _value(r), _goal(r), _status(r), r["note"], r["bench"]) for r in run_["results"]]
 
 
 def print_table(run_: dict) -> None:

@@ -22,8 +22,8 @@ from geoseg.grid import Block
 from geoseg.io import raster
 from geoseg.plan import ScenePlan, aoi_mask
 
-__all__ = ["WorkItem", "BlockResult", "BlockOutcome", "block_failure", "failed_result", "read_block", "compute_block",
-           "postprocess_block", "finish_block", "process_item"]
+__all__ = ["WorkItem", "BlockResult", "BlockOutcome", "block_failure", "failed_result", "predicted_result",
+           "read_block", "compute_block", "postprocess_block", "finish_block", "process_item"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ class BlockResult:
     error: str | None = None
     from_resume: bool = False
     node: str | None = None  # the Ray node that ran the model on it (None: this process)
+    worker: str | None = None  # the inference worker that ran it ("local": this process)
+    forward_s: float = 0.0  # that worker's seconds inside forward passes for this block
+    started: float = 0.0  # wall clock (time.time()) at the start and end of the block's prediction
+    ended: float = 0.0
 
 
 @dataclass
@@ -81,6 +85,13 @@ def failed_result(plan: ScenePlan, block: Block, e: BaseException | str) -> Bloc
     return BlockResult(plan.index, block.id, block.row, block.col, None, error=block_failure(plan, block, e))
 
 
+def predicted_result(plan: ScenePlan, block: Block, pred, worker: str, node: str | None = None) -> BlockResult:
+    """A computed block's result from its ``BlockPrediction``, with the worker's timings."""
+    return BlockResult(plan.index, block.id, block.row, block.col, pred.mask, pred.tiles_inferred, pred.tiles_skipped,
+                       pred.model_calls, node=node, worker=worker, forward_s=pred.forward_s, started=pred.started,
+                       ended=pred.ended)
+
+
 def read_block(plan: ScenePlan, block: Block) -> tuple[np.ndarray, np.ndarray]:
     """Read a block's window (block + halo) in the model's bands: (data, valid)."""
     if plan.aoi_blocks is not None and block.id not in plan.aoi_blocks:
@@ -101,8 +112,7 @@ def compute_block(plan: ScenePlan, block: Block, predictor) -> BlockResult:
         pred = predictor.predict_block(block, data, valid)
     except Exception as e:  # reported with the block id; the driver decides whether the run fails
         return failed_result(plan, block, e)
-    return BlockResult(plan.index, block.id, block.row, block.col, pred.mask, pred.tiles_inferred,
-                       pred.tiles_skipped, pred.model_calls)
+    return predicted_result(plan, block, pred, "local")
 
 
 def postprocess_block(plan: ScenePlan, block: Block, result: BlockResult, vector_cfg=None) -> BlockResult:

@@ -9,6 +9,7 @@ Tiles whose core has no valid pixel are never sent to the model.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -54,6 +55,9 @@ class BlockPrediction:
     tiles_inferred: int
     tiles_skipped: int
     model_calls: int
+    forward_s: float = 0.0  # seconds inside forward passes (device sync included)
+    started: float = 0.0  # wall clock (time.time()) at the block's start and end, for the busy fraction
+    ended: float = 0.0
 
 
 def _rel(inner: Window, outer: Window) -> tuple[slice, slice]:
@@ -73,6 +77,7 @@ class Predictor:
         self.batch_size = batch_size or default_batch_size(self.device)
         self.autocast = autocast
         self.model_calls = 0  # forward passes, counted for tests of skipping and resume
+        self.forward_s = 0.0  # time inside forward_classes, summed (the worker's busy time)
 
     def _amp(self):
         if self.device.type != "cuda" or self.autocast == "none":
@@ -83,15 +88,19 @@ class Predictor:
     @torch.inference_mode()
     def forward_classes(self, batch: np.ndarray) -> np.ndarray:
         """Raw tiles (N, bands, rows, cols) -> class ids (N, rows, cols) uint8."""
+        t0 = time.perf_counter()
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
         x = self.card.normalization.apply(x)
         with self._amp():
             logits = self.module(x)
         self.model_calls += 1
-        return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        classes = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()  # .cpu() waits for the device
+        self.forward_s += time.perf_counter() - t0
+        return classes
 
     def predict_block(self, block: Block, data: np.ndarray, valid: np.ndarray) -> BlockPrediction:
         """Predict every tile of ``block`` from its read array ``data`` (bands, rows, cols) over ``block.read``."""
+        started, forward0 = time.time(), self.forward_s
         out = np.full((int(block.window.height), int(block.window.width)), NODATA, dtype=np.uint8)
         # Tiles with the same read shape batch together (edge tiles are clipped, so shapes vary there).
         groups: dict[tuple[int, int], list] = defaultdict(list)
@@ -115,4 +124,5 @@ class Predictor:
         out[~valid[_rel(block.window, block.read)]] = NODATA
         if self.device.type == "cpu":
             release_free_memory()
-        return BlockPrediction(out, inferred, skipped, self.model_calls - calls0)
+        return BlockPrediction(out, inferred, skipped, self.model_calls - calls0, self.forward_s - forward0,
+                               started, time.time())

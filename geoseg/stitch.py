@@ -150,6 +150,7 @@ class SceneWriter:
                       "blocks_computed": 0, "blocks_read": 0}
         self.failed: dict[str, str] = {}
         self.done: dict[str, str] = {}  # block id -> sha256 of its mask
+        self.workers: dict[str, list] = {}  # inference worker -> [blocks, forward s, first start, last end]
         if store.is_s3(self.out_dir):
             self.work = Path(tempfile.mkdtemp(prefix=f"geoseg-{plan.stem}-"))
         else:
@@ -209,6 +210,10 @@ class SceneWriter:
         self.stats["tiles_inferred"] += result.tiles_inferred
         self.stats["tiles_skipped_nodata"] += result.tiles_skipped
         self.stats["model_calls"] += result.model_calls
+        if result.worker is not None:
+            w = self.workers.setdefault(result.worker, [0, 0.0, result.started, result.ended])
+            w[0], w[1] = w[0] + 1, w[1] + result.forward_s
+            w[2], w[3] = min(w[2], result.started), max(w[3], result.ended)
         if result.node is not None:
             by_node = self.stats.setdefault("blocks_by_node", {})
             by_node[result.node] = by_node.get(result.node, 0) + 1
@@ -311,6 +316,7 @@ class SceneWriter:
             "class_pixel_counts": self.mask_writer.class_pixel_counts(),
             "class_areas": mask_class_areas(local["mask"], self.card.class_names, nodata=NODATA),
             "timings_s": dict(timings or {}, wall=round(time.time() - self.t0, 3)),
+            "inference_workers": inference_workers(self.workers),
             "outputs": dict(files),
         }
         if self.cfg.output.report:  # report.html + preview.png, from the local mask; linked from run.json
@@ -329,6 +335,19 @@ class SceneWriter:
         local["run"].write_bytes(json.dumps(record, indent=1).encode())
         files["run"] = self.run_record
         return local, files
+
+
+def inference_workers(workers: dict[str, list]) -> list[dict[str, Any]]:
+    """Each inference worker's share of the scene: blocks, seconds inside forward passes, the span from the start
+    of its first block to the end of its last, and its busy fraction (forward / span: 1.0 means the model never
+    waited for input)."""
+    out = []
+    for name, (blocks, forward_s, first, last) in sorted(workers.items()):
+        span = max(last - first, 1e-9)
+        out.append({"worker": name[:16], "blocks": blocks, "forward_s": round(forward_s, 3),
+                    "span_s": round(last - first, 3), "busy_fraction": round(min(1.0, forward_s / span), 4),
+                    "started_at": round(first, 3)})  # epoch seconds: when its first block began
+    return out
 
 
 def _jsonable(obj):

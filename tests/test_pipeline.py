@@ -62,6 +62,9 @@ def test_predict_georeferencing_and_whole_image_equality(tmp_path, s2_chip, dw, 
     assert run_json["model"]["name"] == "dynamic-world"
     assert sum(run_json["class_pixel_counts"].values()) == 512 * 512
     assert run_json["geoseg_version"]
+    (worker,) = run_json["inference_workers"]  # the local engine's one predictor
+    assert worker["worker"] == "local" and worker["blocks"] == run_json["stats"]["blocks_computed"]
+    assert 0 < worker["forward_s"] <= worker["span_s"] + 1e-3 and 0 < worker["busy_fraction"] <= 1
 
 
 @pytest.mark.parametrize("sets", [

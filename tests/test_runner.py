@@ -45,6 +45,12 @@ def test_ray_outputs_identical(tmp_path, s2_chip, dw_model, ray_local, reference
     assert got.keys() == reference.keys()
     for k in got:
         assert got[k] == reference[k], f"{k} differs (workers={workers}, block_px={block_px})"
+    # run.json records each inference worker's busy time: every computed block once, by at most `workers` actors
+    busy = rec["inference_workers"]
+    assert 1 <= len(busy) <= workers and len({w["worker"] for w in busy}) == len(busy)
+    assert sum(w["blocks"] for w in busy) == rec["stats"]["blocks_computed"] == (-(-512 // block_px)) ** 2
+    for w in busy:
+        assert 0 < w["forward_s"] <= w["span_s"] + 1e-3 and 0 < w["busy_fraction"] <= 1
 
 
 def test_logical_gpu_scheduling(tmp_path, s2_chip, dw_model, ray_local, reference):
@@ -106,6 +112,7 @@ def test_resume_after_interruption(tmp_path, s2_chip, dw_model, ray_local, refer
     assert st["blocks_resumed"] == 3 and st["blocks_computed"] == 16 - 3
     # one forward pass per 128 px tile: only the remaining blocks reached the model
     assert st["model_calls"] == 13 and st["tiles_inferred"] == 13
+    assert sum(w["blocks"] for w in rec["inference_workers"]) == 13  # resumed blocks had no inference worker
     assert _outputs(rec) == reference
 
 

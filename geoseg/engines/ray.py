@@ -32,7 +32,8 @@ from typing import Callable, Iterator
 import ray
 
 from geoseg._memory import release_free_memory
-from geoseg.blocks import BlockOutcome, BlockResult, WorkItem, failed_result, finish_block, read_block
+from geoseg.blocks import (BlockOutcome, BlockResult, WorkItem, failed_result, finish_block, predicted_result,
+                           read_block)
 from geoseg.config import JobConfig
 from geoseg.errors import ConfigError, GeosegError
 from geoseg.plan import ScenePlan
@@ -178,8 +179,8 @@ class InferenceActor:
             pred = self._predictor(model_box).predict_block(block, data, valid)
         except Exception as e:
             return failed_result(plan, block, e)
-        return BlockResult(plan.index, block.id, row, col, pred.mask, pred.tiles_inferred, pred.tiles_skipped,
-                           pred.model_calls, node=ray.get_runtime_context().get_node_id())
+        ctx = ray.get_runtime_context()
+        return predicted_result(plan, block, pred, ctx.get_actor_id(), node=ctx.get_node_id())
 
 
 def _read(plan: ScenePlan, row: int, col: int):
