@@ -291,6 +291,9 @@ class SceneWriter:
         local: dict[str, Path] = {"mask": self.mask_writer.finish(self.work / "mask.tif")}
         if self.vectors is not None:
             local.update(self.vectors.finish())
+            from geoseg.instances import scene_instances  # issue 12: instances.parquet from the final polygons
+
+            local.update(scene_instances(self.cfg, self.card, self.plan, local, self.work))
         files = {kind: store.join(self.out_dir, Path(p).name) for kind, p in local.items()}
         files["manifest"] = store.join(self.out_dir, "manifest.json")
         manifest = {"blocks": dict(sorted(self.done.items())), "failed": dict(sorted(self.failed.items()))}
