@@ -17,7 +17,7 @@ import numpy as np
 
 from geoseg.config import JobConfig
 from geoseg.conventions import NODATA
-from geoseg.errors import GeosegError
+from geoseg.errors import GeosegError, StorageError
 from geoseg.grid import Block
 from geoseg.io import raster
 from geoseg.plan import ScenePlan, aoi_mask
@@ -56,6 +56,9 @@ class BlockResult:
     forward_s: float = 0.0  # that worker's seconds inside forward passes for this block
     started: float = 0.0  # wall clock (time.time()) at the start and end of the block's prediction
     ended: float = 0.0
+    sha256: str | None = None  # set by the finish stage, which also stored the block's record
+    class_counts: np.ndarray | None = None  # pixels per mask value (256), by the finish stage
+    polygons_written: int = 0  # final polygons the finish stage wrote itself (vector parts)
 
 
 @dataclass
@@ -116,7 +119,8 @@ def compute_block(plan: ScenePlan, block: Block, predictor) -> BlockResult:
 
 
 def postprocess_block(plan: ScenePlan, block: Block, result: BlockResult, vector_cfg=None) -> BlockResult:
-    """CPU work after inference: polygonize the block's mask when vectors are requested.
+    """CPU work after inference: polygonize the block's mask when vectors are requested; with vector parts,
+    write the polygons that touch no internal block edge here and pass on only the others.
 
     With a sieve the polygons come from the sieved mask, which needs neighbouring blocks: the writer
     polygonizes in its sieve pass instead.
@@ -127,6 +131,16 @@ def postprocess_block(plan: ScenePlan, block: Block, result: BlockResult, vector
         result.polygons = vectorize.polygonize_block(
             result.mask, block.window, nodata=NODATA, connectivity=vector_cfg.connectivity
         )
+        if plan.vector_parts:
+            from geoseg.plan import parts_dir
+            from geoseg.vectorize.parts import write_block_parts
+            from geoseg.vectorize.seams import split_final
+
+            final, result.polygons = split_final(result.polygons, plan.info.shape)
+            result.polygons_written = write_block_parts(
+                final, parts_dir(plan), block.id, vector_cfg=vector_cfg, shape=plan.info.shape,
+                transform=plan.info.transform, crs=plan.info.crs, class_names=plan.class_names, scene=plan.stem,
+                model=plan.model[0], model_version=plan.model[1], storage=plan.storage)
     return result
 
 
@@ -142,7 +156,18 @@ def finish_block(plan: ScenePlan, block: Block, result: BlockResult | None, cfg:
     if result.error is not None:
         return result
     try:
+        result.class_counts = np.bincount(result.mask.ravel(), minlength=256)
+        if result.from_resume:
+            from geoseg.stitch import block_sha256
+
+            result.sha256 = block_sha256(result.mask)
+        else:  # the block's record, for resume (per-pixel work, so here and not in the scene's writer)
+            from geoseg.stitch import save_block_record
+
+            result.sha256 = save_block_record(plan, block.id, result.mask)
         return postprocess_block(plan, block, result, cfg.vector)
+    except StorageError:  # the output location failed (a full disk), not the block: the run stops, resumable
+        raise
     except Exception as e:
         return failed_result(plan, block, e)
 

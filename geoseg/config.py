@@ -193,6 +193,12 @@ class VectorConfig(_Section):
     simplify_tolerance_m: float = Field(0.0, ge=0, description="coverage-preserving simplification tolerance")
     include_classes: list[int | str] | None = Field(None, description="keep only these classes (ids or names)")
     exclude_classes: list[int | str] = Field(default_factory=list, description="drop these classes (ids or names)")
+    single_file: bool | None = Field(
+        None, description="true: one file per format, written by the scene's writer (canonical row order, "
+        "byte-identical for any split); false: each block's worker writes its polygons that touch no block edge "
+        "and the writer only the seams' (polygons.parquet/ is then a directory of parts with _metadata; GPKG only "
+        "when listed in formats explicitly); unset: one file up to 64 megapixels or with sieve / simplification"
+    )
     instances: bool | None = Field(
         None, description="also write instances.parquet, one polygon per object (geoseg/instances.py); default: "
         "when the model card declares instances"

@@ -13,11 +13,14 @@ from typing import Any
 import numpy as np
 
 from geoseg.config import JobConfig, StorageConfig
-from geoseg.errors import InputError
+from geoseg.errors import ConfigError, InputError
 from geoseg.grid import TileGrid
 from geoseg.io import contract, raster, store
 
-__all__ = ["ScenePlan", "plan_scene", "scene_stem", "aoi_mask"]
+__all__ = ["ScenePlan", "plan_scene", "scene_stem", "aoi_mask", "partial_dir", "parts_dir", "SINGLE_FILE_MAX_PX"]
+
+#: ``vector.single_file`` unset: scenes up to this many pixels get one file per format from their writer.
+SINGLE_FILE_MAX_PX = 8192 * 8192
 
 
 def scene_stem(path: str) -> str:
@@ -47,6 +50,36 @@ class ScenePlan:
     offset: float = 0.0
     aoi_wkb: bytes | None = None  # input.aoi in the scene's CRS: pixels outside are nodata
     aoi_blocks: frozenset[str] | None = None  # ids of the blocks that touch the AOI (None: no AOI, all)
+    vector_parts: bool = False  # workers write their blocks' final polygons (geoseg.vectorize.parts)
+    class_names: tuple[str, ...] = ()  # the model's, for the polygons' attributes
+    model: tuple[str, str] = ("", "")  # the model's name and version, for the same
+
+
+def partial_dir(plan: ScenePlan) -> str:
+    """Where a scene's unfinished state lives: block records, the workers' polygon parts, the writer's work."""
+    return store.join(plan.out_dir, ".partial")
+
+
+def parts_dir(plan: ScenePlan) -> str:
+    """The workers' polygon parts of a scene (``geoseg.vectorize.parts``)."""
+    return store.join(partial_dir(plan), "parts")
+
+
+def vector_parts(cfg: JobConfig, shape: tuple[int, int], sieve_px: int) -> bool:
+    """Whether the scene's polygons are written by the workers in parts (``vector.single_file``)."""
+    v = cfg.vector
+    if not v.enabled:
+        return False
+    exact = sieve_px <= 1 and v.simplify_tolerance_m == 0
+    if v.single_file is None:
+        return exact and shape[0] * shape[1] > SINGLE_FILE_MAX_PX
+    if not v.single_file and not exact:
+        raise ConfigError(
+            "vector.single_file=false needs pixel-exact polygons (each worker writes its block's own), but "
+            "vector.sieve_px / min_area_m2 and simplify_tolerance_m work over the whole scene in its writer; "
+            "set vector.single_file=true or leave it unset"
+        )
+    return not v.single_file
 
 
 def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
@@ -71,7 +104,8 @@ def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
         aoi_wkb, aoi_blocks = _aoi_blocks(cfg, info, grid, path)
     return ScenePlan(index, path, scene_stem(path), info, bands, grid, out_dir, cfg.storage, sieve_px,
                      fill_value=card.fill_value, scale=cfg.input.scale, offset=cfg.input.offset,
-                     aoi_wkb=aoi_wkb, aoi_blocks=aoi_blocks)
+                     aoi_wkb=aoi_wkb, aoi_blocks=aoi_blocks, vector_parts=vector_parts(cfg, info.shape, sieve_px),
+                     class_names=tuple(card.class_names), model=(card.name, card.version))
 
 
 def _aoi_blocks(cfg: JobConfig, info: raster.RasterInfo, grid: TileGrid, path: str) -> tuple[bytes, frozenset[str]]:

@@ -28,9 +28,10 @@ from geoseg.conventions import NODATA, VERSION
 from geoseg.errors import OutputError, write_failure
 from geoseg.grid import Block
 from geoseg.io import raster, store
-from geoseg.plan import ScenePlan
+from geoseg.plan import ScenePlan, partial_dir
 
-__all__ = ["SceneWriter", "prepare_scene", "stored_blocks", "fingerprint", "load_run_record", "load_block_record", "block_sha256"]
+__all__ = ["SceneWriter", "prepare_scene", "stored_blocks", "fingerprint", "load_run_record", "load_block_record",
+           "save_block_record", "block_sha256"]
 
 
 def fingerprint(cfg: JobConfig, card, info: raster.RasterInfo, plan_bands: list[int]) -> dict[str, Any]:
@@ -50,8 +51,6 @@ def fingerprint(cfg: JobConfig, card, info: raster.RasterInfo, plan_bands: list[
     }
 
 
-def _partial_dir(plan: ScenePlan) -> str:
-    return store.join(plan.out_dir, ".partial")
 
 
 def _run_record_path(plan: ScenePlan) -> str:
@@ -68,7 +67,7 @@ def load_run_record(plan: ScenePlan) -> dict[str, Any] | None:
 
 def load_block_record(plan: ScenePlan, block: Block) -> np.ndarray | None:
     """A block mask stored by an earlier run, or None when missing or its checksum fails (then recompute)."""
-    path = store.join(_partial_dir(plan), "blocks", f"{block.id}.npz")
+    path = store.join(partial_dir(plan), "blocks", f"{block.id}.npz")
     try:
         with np.load(io.BytesIO(store.read_bytes(path, plan.storage))) as z:
             mask, sha = z["mask"], str(z["sha256"])
@@ -83,12 +82,22 @@ def block_sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
+def save_block_record(plan: ScenePlan, block_id: str, mask: np.ndarray) -> str:
+    """Store a computed block's mask for resume (by the worker that finished it: compressing it is per-pixel work
+    the scene's writer should not do); returns its sha256."""
+    sha = block_sha256(mask)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, mask=mask, sha256=np.array(sha))
+    store.write_bytes(store.join(partial_dir(plan), "blocks", f"{block_id}.npz"), buf.getvalue(), plan.storage)
+    return sha
+
+
 def prepare_scene(plan: ScenePlan, cfg: JobConfig, card, *, overwrite: bool = False) -> set[str]:
     """Before a scene's writer opens (in the driver): refuse finished outputs unless ``overwrite``, refuse partial
     results of another configuration, record this job's fingerprint (``job.json``). Returns the ids of the
     blocks an earlier run of the same job stored (they are read back, not predicted)."""
     s = cfg.storage
-    run_record, partial = _run_record_path(plan), _partial_dir(plan)
+    run_record, partial = _run_record_path(plan), partial_dir(plan)
     fp = _jsonable(fingerprint(cfg, card, plan.info, plan.bands))
     if store.exists(run_record, s):
         if not overwrite:
@@ -116,7 +125,7 @@ def prepare_scene(plan: ScenePlan, cfg: JobConfig, card, *, overwrite: bool = Fa
 def stored_blocks(plan: ScenePlan, cfg: JobConfig, card) -> set[str]:
     """The ids of the blocks an earlier run of this same job stored (empty when its fingerprint differs);
     reads only."""
-    job_path = store.join(_partial_dir(plan), "job.json")
+    job_path = store.join(partial_dir(plan), "job.json")
     if not store.exists(job_path, cfg.storage):
         return set()
     if json.loads(store.read_bytes(job_path, cfg.storage)) != _jsonable(fingerprint(cfg, card, plan.info, plan.bands)):
@@ -125,7 +134,7 @@ def stored_blocks(plan: ScenePlan, cfg: JobConfig, card) -> set[str]:
 
 
 def _block_ids(plan: ScenePlan, storage) -> set[str]:
-    prefix = store.join(_partial_dir(plan), "blocks")
+    prefix = store.join(partial_dir(plan), "blocks")
     names = store.list_dir(prefix, storage) if store.exists(prefix, storage) else []
     return {PurePosixPath(n).name[: -len(".npz")] for n in names if n.endswith(".npz")}
 
@@ -143,7 +152,7 @@ class SceneWriter:
         self.card = card
         self.storage = cfg.storage
         self.out_dir = plan.out_dir
-        self.partial = _partial_dir(plan)
+        self.partial = partial_dir(plan)
         self.run_record = _run_record_path(plan)
         self.t0 = time.time()
         self.stats = {"model_calls": 0, "tiles_inferred": 0, "tiles_skipped_nodata": 0, "blocks_resumed": 0,
@@ -170,20 +179,23 @@ class SceneWriter:
             from geoseg.vectorize import PolygonSink, output_paths
 
             info = plan.info
+            outputs = output_paths(self.work, cfg.vector.formats)
+            if plan.vector_parts:  # the writer's own polygons: those that touch a seam (geoseg.vectorize.parts)
+                from geoseg.vectorize.parts import SEAMS_PART
+
+                (self.work / "polygons.parquet").mkdir(exist_ok=True)
+                outputs = {"parquet": self.work / "polygons.parquet" / SEAMS_PART}
+                if {"geojson", "geojsonseq"} & set(cfg.vector.formats):
+                    outputs["geojsonseq"] = self.work / "seams.geojsonl"
             try:
                 self.vectors = PolygonSink(
-                    output_paths(self.work, cfg.vector.formats), shape=info.shape, transform=info.transform,
+                    outputs, shape=info.shape, transform=info.transform,
                     crs=info.crs, cfg=cfg.vector, block_px=plan.grid.block_px, class_names=card.class_names,
                     palette=card.palette, scene=plan.stem, model=card.name, model_version=card.version,
                 )
             except BaseException:
                 self.mask_writer.abort()  # no scratch file left behind by a setting refused here
                 raise
-
-    def _record_block(self, block_id: str, mask: np.ndarray, sha: str) -> None:
-        buf = io.BytesIO()
-        np.savez_compressed(buf, mask=mask, sha256=np.array(sha))
-        store.write_bytes(store.join(self.partial, "blocks", f"{block_id}.npz"), buf.getvalue(), self.storage)
 
     # -- writing ------------------------------------------------------------------------------------------
     def add(self, block: Block, result) -> None:
@@ -198,11 +210,13 @@ class SceneWriter:
         release_free_memory()  # the block's buffers, freed above, go back to the OS (benchmarks/README.md)
 
     def _add(self, block: Block, result) -> None:
-        sha = block_sha256(result.mask)
+        # The worker that finished the block hashed it, counted its classes and stored its record already.
+        sha = result.sha256 or block_sha256(result.mask)
         if result.from_resume:
             self.stats["blocks_resumed"] += 1
         else:
-            self._record_block(block.id, result.mask, sha)
+            if result.sha256 is None:
+                save_block_record(self.plan, block.id, result.mask)
             self.stats["blocks_computed"] += 1
             if self.plan.aoi_blocks is None or block.id in self.plan.aoi_blocks:
                 self.stats["blocks_read"] += 1
@@ -217,9 +231,10 @@ class SceneWriter:
         if result.node is not None:
             by_node = self.stats.setdefault("blocks_by_node", {})
             by_node[result.node] = by_node.get(result.node, 0) + 1
-        self.mask_writer.write_block(block.window, result.mask)
+        self.mask_writer.write_block(block.window, result.mask, result.class_counts)
         if self.vectors is not None and self.plan.sieve_px <= 1:
             self.vectors.add(result.polygons)
+            self.stats["polygons_by_workers"] = self.stats.get("polygons_by_workers", 0) + result.polygons_written
 
     def _sieve_pass(self) -> None:
         """Minimum mapping unit over the finished raw mask, block by block with context (identical to a
@@ -267,15 +282,16 @@ class SceneWriter:
             if isinstance(e, Exception):
                 raise write_failure(self.out_dir, e, "write the outputs") from None
             raise
-        published: list[str] = []
+        published: list[tuple[str, bool]] = []
         try:
             for kind, path in local.items():  # run.json is the last key
-                store.publish_file(str(path), files[kind], self.storage)
-                published.append(files[kind])
+                tree = Path(path).is_dir()  # a partitioned dataset (polygons.parquet/)
+                (store.publish_tree if tree else store.publish_file)(str(path), files[kind], self.storage)
+                published.append((files[kind], tree))
         except BaseException:
-            for dest in published:  # best effort: a scene is either complete or has no final outputs
+            for dest, tree in published:  # best effort: a scene is either complete or has no final outputs
                 with contextlib.suppress(Exception):
-                    store.remove(dest, self.storage)
+                    (store.remove_tree if tree else store.remove)(dest, self.storage)
             self.abort()
             raise
         store.remove_tree(self.partial, self.storage)
@@ -284,13 +300,29 @@ class SceneWriter:
         release_free_memory()
         return self._record
 
+    def _vector_outputs(self) -> dict[str, Path]:
+        """The scene's vector files: the sink's, or, with vector parts, assembled from the workers' parts and the
+        sink's seam polygons (GPKG then only when ``vector.formats`` lists it explicitly: one serial writer)."""
+        own = self.vectors.finish()
+        if not self.plan.vector_parts:
+            return own
+        from geoseg.plan import parts_dir
+        from geoseg.vectorize.parts import assemble
+
+        formats = list(self.cfg.vector.formats)
+        if "gpkg" in formats and "formats" not in self.cfg.vector.model_fields_set:
+            formats.remove("gpkg")
+        return assemble({"parquet": own.get("parquet"), "geojsonl": own.get("geojsonseq")}, parts_dir(self.plan),
+                        self.work, formats, crs=self.plan.info.crs, class_names=self.card.class_names,
+                        palette=self.card.palette, storage=self.storage)
+
     def _complete_outputs(self, timings: dict[str, float] | None) -> tuple[dict[str, Path], dict[str, str]]:
         """Every output finished and verified in the work directory: ``({kind: local path}, {kind: dest})``."""
         if self.plan.sieve_px > 1:
             self._sieve_pass()
         local: dict[str, Path] = {"mask": self.mask_writer.finish(self.work / "mask.tif")}
         if self.vectors is not None:
-            local.update(self.vectors.finish())
+            local.update(self._vector_outputs())
             from geoseg.instances import scene_instances  # issue 12: instances.parquet from the final polygons
 
             local.update(scene_instances(self.cfg, self.card, self.plan, local, self.work))

@@ -105,14 +105,17 @@ def test_resume_after_interruption(tmp_path, s2_chip, dw_model, ray_local, refer
         _run(s2_chip, tmp_path, dw_model, *sets, on_result=stop_after_3)
     scene = tmp_path / "Spain_7370579_S2Hand"
     assert not (scene / "run.json").exists() and not (scene / "mask.tif").exists()
+    # Block records are stored by the workers that finished the blocks: every block the writer took has one, and
+    # blocks finished while the driver stopped may have one too (they are not computed again either).
     stored = sorted(p.stem for p in (scene / ".partial" / "blocks").glob("*.npz"))
-    assert stored == sorted(seen)
+    assert set(seen) <= set(stored) and len(stored) < 16
     (rec,) = _run(s2_chip, tmp_path, dw_model, *sets)
     st = rec["stats"]
-    assert st["blocks_resumed"] == 3 and st["blocks_computed"] == 16 - 3
+    n = len(stored)
+    assert st["blocks_resumed"] == n and st["blocks_computed"] == 16 - n
     # one forward pass per 128 px tile: only the remaining blocks reached the model
-    assert st["model_calls"] == 13 and st["tiles_inferred"] == 13
-    assert sum(w["blocks"] for w in rec["inference_workers"]) == 13  # resumed blocks had no inference worker
+    assert st["model_calls"] == 16 - n and st["tiles_inferred"] == 16 - n
+    assert sum(w["blocks"] for w in rec["inference_workers"]) == 16 - n  # resumed blocks had no inference worker
     assert _outputs(rec) == reference
 
 

@@ -35,7 +35,7 @@ from geoseg._memory import release_free_memory
 from geoseg.blocks import (BlockOutcome, BlockResult, WorkItem, failed_result, finish_block, predicted_result,
                            read_block)
 from geoseg.config import JobConfig
-from geoseg.errors import ConfigError, GeosegError
+from geoseg.errors import ConfigError, GeosegError, StorageError
 from geoseg.plan import ScenePlan
 
 log = logging.getLogger("geoseg")
@@ -523,6 +523,8 @@ class RayEngine:
                 try:
                     error = ray.get(ref)
                 except ray.exceptions.RayError as e:
+                    if isinstance(getattr(e, "cause", None), StorageError):  # the output location, not the block
+                        raise e.cause from None
                     if a is not None and _actor_died(e):
                         with contextlib.suppress(Exception):  # fetched: Ray need not report it as unhandled
                             ray.get(result, timeout=0)

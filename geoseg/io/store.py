@@ -45,6 +45,7 @@ __all__ = [
     "split_s3",
     "expand_inputs",
     "publish_file",
+    "publish_tree",
     "write_bytes",
     "read_bytes",
     "exists",
@@ -268,6 +269,38 @@ def publish_file(
     except OSError as e:
         err = write_failure(dest, e, "publish it")
         raise (err if isinstance(err, StorageError) else StorageError(f"{dest}: cannot publish {src} ({e.strerror or e})")) from None
+
+
+def publish_tree(local_dir: str | os.PathLike[str], dest: str | os.PathLike[str],
+                 storage: StorageConfig | None = None) -> None:
+    """Publish a finished local directory (a partitioned dataset) at ``dest``, replacing what was there.
+
+    Local: one rename (after removing an older copy); S3: each file uploaded, ``_metadata`` last. Readers of a
+    scene trust its outputs only once ``run.json`` (published after everything) exists."""
+    src = os.fspath(local_dir)
+    dest = os.fspath(dest)
+    if is_s3(dest):
+        names = sorted(os.listdir(src), key=lambda n: (n == "_metadata", n))
+        remove_tree(dest, storage)
+        for name in names:
+            publish_file(os.path.join(src, name), join(dest, name), storage)
+        shutil.rmtree(src, ignore_errors=True)
+        return
+    try:
+        if os.path.isdir(dest):
+            shutil.rmtree(dest)
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        try:
+            os.replace(src, dest)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            tmp = os.path.join(os.path.dirname(os.path.abspath(dest)), f".tmp-{uuid.uuid4().hex}-{os.path.basename(dest)}")
+            shutil.copytree(src, tmp)
+            os.replace(tmp, dest)
+            shutil.rmtree(src, ignore_errors=True)
+    except OSError as e:
+        raise StorageError(f"{dest}: cannot publish {src} ({e.strerror or e})") from None
 
 
 def remove(path: str | os.PathLike[str], storage: StorageConfig | None = None, missing_ok: bool = True) -> None:

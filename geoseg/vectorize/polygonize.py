@@ -145,6 +145,20 @@ class BlockPolygons:
     def __len__(self) -> int:
         return len(self.class_ids)
 
+    def subset(self, idx: np.ndarray) -> BlockPolygons:
+        """The block with only the polygons at ``idx`` (ascending), seam intervals renumbered; the intervals of
+        dropped polygons go too."""
+        idx = np.asarray(idx, dtype=np.int64)
+        coords, ring_off, poly_off = take_ragged(self.coords, self.ring_offsets, self.poly_offsets, idx)
+        new = np.full(len(self), -1, dtype=np.int64)
+        new[idx] = np.arange(len(idx))
+        seams = {}
+        for side, (polys, start, end) in self.seams.items():
+            keep = new[polys] >= 0
+            seams[side] = (new[polys[keep]].astype(polys.dtype), start[keep], end[keep])
+        return BlockPolygons(self.window, self.connectivity, coords, ring_off, poly_off, self.class_ids[idx],
+                             self.sides[idx], seams)
+
     def polygon_set(self, cols: int) -> PolygonSet:
         """All polygons of the block as a ``PolygonSet`` (``cols``: the full raster's width, for the ids)."""
         ids = polygon_keys(self.coords, self.ring_offsets, self.poly_offsets, cols)

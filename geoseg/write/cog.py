@@ -70,15 +70,16 @@ class MaskWriter:
         except (OSError, rasterio.errors.RasterioError) as e:
             raise OutputError(f"{self.scratch_path}: cannot create the mask scratch file ({e})") from None
 
-    def write_block(self, window: Window, mask: np.ndarray) -> None:
-        """Write one block's class mask (uint8, rows x cols of ``window``)."""
+    def write_block(self, window: Window, mask: np.ndarray, counts: np.ndarray | None = None) -> None:
+        """Write one block's class mask (uint8, rows x cols of ``window``); ``counts``: its pixels per value
+        (256), when the worker counted them already."""
         if mask.dtype != np.uint8 or mask.shape != (int(window.height), int(window.width)):
             raise ValueError(f"block mask {mask.dtype}{mask.shape} does not fit window {window}")
         try:
             self._ds.write(mask, 1, window=window)
         except Exception as e:
             raise write_failure(self.scratch_path, e, "write a block of the mask") from None
-        self.counts += np.bincount(mask.ravel(), minlength=256)
+        self.counts += np.bincount(mask.ravel(), minlength=256) if counts is None else counts
 
     def class_pixel_counts(self) -> dict[str, int]:
         """Pixels per class name over the written blocks (nodata under ``"nodata"``)."""
