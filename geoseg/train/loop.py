@@ -136,9 +136,24 @@ def build_module(architecture: str, arch_params: dict, in_channels: int, num_cla
     return get_model(architecture, **params)
 
 
+def _balanced_weights(target: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-class cross-entropy weights of one batch: (known pixels / (k * class pixels)) ** 0.5, at most 10, mean 1
+    over the classes present (a thin class such as a 3 px building boundary is not drowned by background)."""
+    counts = torch.bincount(target[target != IGNORE].reshape(-1), minlength=k)[:k].float()
+    present = counts > 0
+    w = torch.zeros(k, device=target.device)
+    w[present] = (counts.sum() / (k * counts[present])).sqrt().clamp(max=10.0)
+    return w / w[present].mean() if present.any() else torch.ones(k, device=target.device)
+
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "ce_dice") -> torch.Tensor:
-    """Cross-entropy (ignoring IGNORE), plus soft Dice over the classes present when ``kind`` is ce_dice."""
-    ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+    """Cross-entropy (ignoring IGNORE), plus soft Dice over the classes present when ``kind`` is ce_dice;
+    ``ce_dice_balanced``: the cross-entropy weighted per class by ``_balanced_weights`` of the batch."""
+    if kind == "ce_dice_balanced":
+        w = _balanced_weights(target, logits.shape[1])
+        ce = F.cross_entropy(logits.float(), target, weight=w, ignore_index=IGNORE)
+    else:
+        ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
     if kind == "ce":
         return ce
     known = target != IGNORE
