@@ -273,7 +273,8 @@ def evaluate_arrays(pred: np.ndarray, truth: np.ndarray, names: list[str], objec
         from geoseg.instances import split_footprints
 
         objects, label_class = split_footprints(pred, instances.footprint_classes, instances.seed_classes,
-                                                connectivity=connectivity, min_seed_px=instances.min_seed_px)
+                                                connectivity=connectivity, min_seed_px=instances.min_seed_px,
+                                                min_instance_px=instances.min_instance_px)
         of_class = np.zeros(len(label_class) + 1, np.int64)
         for lab, c in label_class.items():
             of_class[lab] = c

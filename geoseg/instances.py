@@ -15,6 +15,7 @@ touching roofs are one footprint with two interiors. This module splits such foo
    (e.g. a small building predicted as boundary only) is one object of the first seed class.
 4. **Polygons**: each object's pixels are polygonized (``rasterio.features.shapes``) with the window's transform,
    so its polygon lies exactly on the pixels it came from, and the objects of a footprint tile it exactly.
+   Objects smaller than the card's ``min_instance_px`` (speckle) are not instances (they stay in the polygons).
 
 Partition invariance: the input is the scene's seam-merged polygons, which are identical for any
 ``tiling.block_px`` or worker count, and nothing here depends on blocks: so are the instances. ``instance_id``
@@ -73,9 +74,11 @@ def _grow(labels: np.ndarray, region: np.ndarray, connectivity: int) -> np.ndarr
 
 
 def split_footprints(classes: np.ndarray, footprint_classes: Sequence[int], seed_classes: Sequence[int], *,
-                     connectivity: int = 4, min_seed_px: int = 1) -> tuple[np.ndarray, dict[int, int]]:
+                     connectivity: int = 4, min_seed_px: int = 1, min_instance_px: int = 1
+                     ) -> tuple[np.ndarray, dict[int, int]]:
     """Objects of a class raster (see the module docstring): ``(labels int32, {label: class id})``, labels
-    1..n numbered in row-major order of each object's first pixel, 0 outside every footprint.
+    1..n numbered in row-major order of each object's first pixel, 0 outside every footprint and for objects
+    smaller than ``min_instance_px``.
 
     ``classes`` must hold whole footprints (a footprint cut by the array's edge is split as if it ended there).
     """
@@ -100,10 +103,11 @@ def split_footprints(classes: np.ndarray, footprint_classes: Sequence[int], seed
     if n_rest:
         grown = np.where(rest > 0, rest + len(seed_class) - 1, grown)
         seed_class += [int(seed_classes[0])] * n_rest
-    # renumber by first pixel, row-major
+    # renumber by first pixel, row-major; objects under min_instance_px dropped
     flat = grown.ravel()
-    ids, first = np.unique(flat, return_index=True)
-    order = [i for _, i in sorted((f, i) for i, f in zip(ids.tolist(), first.tolist()) if i > 0)]
+    ids, first, size = np.unique(flat, return_index=True, return_counts=True)
+    order = [i for _, i in sorted((f, i) for i, f, n in zip(ids.tolist(), first.tolist(), size.tolist())
+                                  if i > 0 and n >= min_instance_px)]
     lut = np.zeros(len(seed_class), np.int32)
     lut[order] = np.arange(1, len(order) + 1, dtype=np.int32)
     return lut[grown], {k + 1: seed_class[i] for k, i in enumerate(order)}
@@ -146,7 +150,8 @@ def _groups(geoms: np.ndarray) -> list[np.ndarray]:
 
 def instances_from_polygons(geoms: np.ndarray, class_ids: np.ndarray, *, transform, crs, shape: tuple[int, int],
                             footprint_classes: Sequence[int], seed_classes: Sequence[int],
-                            class_names: Sequence[str] = (), connectivity: int = 4, min_seed_px: int = 1):
+                            class_names: Sequence[str] = (), connectivity: int = 4, min_seed_px: int = 1,
+                            min_instance_px: int = 1):
     """The objects of a scene from its footprint-class polygons (map coordinates on the grid ``transform``,
     ``shape``): a GeoDataFrame with ``COLUMNS`` (see the module docstring)."""
     import geopandas as gpd
@@ -171,7 +176,7 @@ def instances_from_polygons(geoms: np.ndarray, class_ids: np.ndarray, *, transfo
         cls = rasterize(zip(geoms[idx], class_ids[idx].astype(int).tolist()), out_shape=(r1 - r0, c1 - c0),
                         transform=wt, fill=0, dtype="uint8")
         labels, label_class = split_footprints(cls, footprint_classes, seed_classes, connectivity=connectivity,
-                                               min_seed_px=min_seed_px)
+                                               min_seed_px=min_seed_px, min_instance_px=min_instance_px)
         if not label_class:
             continue
         flat = labels.ravel()
@@ -242,5 +247,5 @@ def scene_instances(cfg, card, plan, local: dict[str, Path], work: Path) -> dict
         np.asarray(polys.geometry.values), polys["class_id"].to_numpy().astype(int), transform=plan.info.transform,
         crs=plan.info.crs, shape=tuple(plan.info.shape), footprint_classes=spec.footprint_classes,
         seed_classes=spec.seed_classes, class_names=card.class_names, connectivity=cfg.vector.connectivity,
-        min_seed_px=spec.min_seed_px)
+        min_seed_px=spec.min_seed_px, min_instance_px=spec.min_instance_px)
     return {"instances": write_instances(gdf, Path(work) / INSTANCES_FILE)}

@@ -176,6 +176,7 @@ class InstanceSpec(_Frozen):
     seed_classes: list[int] = Field(min_length=1, description="class ids whose components are the objects")
     boundary_px: int | None = Field(None, ge=0, description="boundary width the model was trained with")
     min_seed_px: int = Field(1, ge=1, description="seed components smaller than this are not objects of their own")
+    min_instance_px: int = Field(1, ge=1, description="objects smaller than this (pixels) are not instances")
 
     @model_validator(mode="after")
     def _check(self) -> InstanceSpec:
