@@ -129,8 +129,15 @@ def instance_counts(pred: np.ndarray, truth: np.ndarray, cls: int, nodata: int =
     pi, ti = uniq // (ntruth + 1), uniq % (ntruth + 1)
     iou = inter / (parea[pi] + tarea[ti] - inter)
     ok = (iou >= iou_threshold) & (parea[pi] >= min_px) & (tarea[ti] >= min_px)
-    # with IoU >= 0.5 each prediction matches at most one truth object and vice versa
-    tp = len(set(pi[ok].tolist()))
+    # with IoU > 0.5 each prediction matches at most one truth object and vice versa; at exactly 0.5 two halves
+    # of an object could both match it: pairs are taken one-to-one, best IoU first
+    used_p, used_t = set(), set()
+    for k in np.lexsort((ti[ok], pi[ok], -iou[ok])):
+        a, b = int(pi[ok][k]), int(ti[ok][k])
+        if a not in used_p and b not in used_t:
+            used_p.add(a)
+            used_t.add(b)
+    tp = len(used_p)
     return InstanceCounts(tp=tp, predicted=len(pkeep), truth=len(tkeep))
 
 

@@ -152,3 +152,36 @@ def test_shipped_buildings_model_on_validation_chips(val_dir, tmp_path):
              for p in imgs]
     r = evaluate_files(pairs, object_classes=["building"])
     assert r["classes"]["building"]["iou"] > 0.55, r["classes"]["building"]
+
+
+def test_instance_split_scores_touching_objects_separately():
+    """An instance model (card.instances): two touching roofs are one connected region (no match at IoU 0.5) but
+    two objects once their interiors are grown back to the footprint; boundary pixels count as building."""
+    from geoseg.evaluate import evaluate_arrays, merge_reports
+    from geoseg.models.card import InstanceSpec
+
+    truth = np.zeros((8, 14), np.uint8)
+    truth[1:7, 1:7] = 1
+    truth[1:7, 7:13] = 1
+    pred = np.zeros_like(truth)
+    pred[1:7, 1:13] = 2  # boundary around ...
+    pred[2:6, 2:6] = 1  # ... two interiors
+    pred[2:6, 8:12] = 1
+    spec = InstanceSpec(footprint_classes=[1, 2], seed_classes=[1])
+    names = ["background", "building", "building_boundary"]
+    part = evaluate_arrays(pred, truth, names, [1], instances=spec)
+    r = merge_reports([part], names, [1], [])
+    assert r["classes"]["building"]["iou"] == 1.0  # boundary counted as building
+    assert (r["instances"]["building"]["predicted"], r["instances"]["building"]["truth"]) == (1, 1)
+    split = r["instances_split"]["building"]
+    # two halves with IoU exactly 0.5 against the one truth component: matched one-to-one, once
+    assert split["predicted"] == 2 and split["truth"] == 1 and split["matched"] == 1
+    # two truth roofs with a gap, the prediction one footprint over both (84 px): no connected region matches,
+    # both split objects do
+    truth2 = truth.copy()
+    truth2[:, 7] = 0
+    pred2 = pred.copy()
+    pred2[1:7, 0] = pred2[1:7, 13] = 2
+    part2 = evaluate_arrays(pred2, truth2, names, [1], instances=spec)
+    assert (part2["instances"][1].tp, part2["instances"][1].predicted) == (0, 1)
+    assert (part2["instances_split"][1].tp, part2["instances_split"][1].predicted) == (2, 2)
