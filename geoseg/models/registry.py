@@ -52,6 +52,8 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 PRETRAINED: dict[str, Path] = {
     "dynamic-world": WEIGHTS_DIR / "dynamic_world",
     "buildings": WEIGHTS_DIR / "buildings",  # RGB aerial 0.05-0.5 m, trained by configs/train_buildings.yaml
+    # the same imagery, one polygon per building (card.instances; configs/train_buildings_instances.yaml)
+    "buildings-instances": WEIGHTS_DIR / "buildings_instances",
 }
 
 _ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
