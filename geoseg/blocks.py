@@ -59,6 +59,7 @@ class BlockResult:
     sha256: str | None = None  # set by the finish stage, which also stored the block's record
     class_counts: np.ndarray | None = None  # pixels per mask value (256), by the finish stage
     polygons_written: int = 0  # final polygons the finish stage wrote itself (vector parts)
+    cog: Any = None  # the block's compressed COG tiles (geoseg.write.cog_tiles.BlockTiles); then mask is None
 
 
 @dataclass
@@ -134,7 +135,7 @@ def postprocess_block(plan: ScenePlan, block: Block, result: BlockResult, vector
         if plan.vector_parts:
             from geoseg.plan import parts_dir
             from geoseg.vectorize.parts import write_block_parts
-            from geoseg.vectorize.seams import split_final
+            from geoseg.vectorize.parts import split_final
 
             final, result.polygons = split_final(result.polygons, plan.info.shape)
             result.polygons_written = write_block_parts(
@@ -165,7 +166,14 @@ def finish_block(plan: ScenePlan, block: Block, result: BlockResult | None, cfg:
             from geoseg.stitch import save_block_record
 
             result.sha256 = save_block_record(plan, block.id, result.mask)
-        return postprocess_block(plan, block, result, cfg.vector)
+        result = postprocess_block(plan, block, result, cfg.vector)
+        if plan.cog_levels and result.error is None:  # compressed here; the writer copies bytes
+            from geoseg.write.cog_tiles import block_tiles
+
+            result.cog = block_tiles(result.mask, int(block.window.row_off), int(block.window.col_off),
+                                     plan.info.shape, plan.cog_blocksize, plan.cog_levels, NODATA)
+            result.mask = None
+        return result
     except StorageError:  # the output location failed (a full disk), not the block: the run stops, resumable
         raise
     except Exception as e:

@@ -53,6 +53,8 @@ class ScenePlan:
     vector_parts: bool = False  # workers write their blocks' final polygons (geoseg.vectorize.parts)
     class_names: tuple[str, ...] = ()  # the model's, for the polygons' attributes
     model: tuple[str, str] = ("", "")  # the model's name and version, for the same
+    cog_blocksize: int = 512  # the mask COG's tile side
+    cog_levels: int = 0  # levels of the mask COG each block's worker compresses (geoseg.write.cog_tiles)
 
 
 def partial_dir(plan: ScenePlan) -> str:
@@ -63,6 +65,17 @@ def partial_dir(plan: ScenePlan) -> str:
 def parts_dir(plan: ScenePlan) -> str:
     """The workers' polygon parts of a scene (``geoseg.vectorize.parts``)."""
     return store.join(partial_dir(plan), "parts")
+
+
+def cog_levels(cfg: JobConfig, shape: tuple[int, int], sieve_px: int) -> int:
+    """How many levels of the mask COG the workers compress (0: the writer does; a sieve changes the mask after
+    the blocks, and GDAL writes other compressions)."""
+    from geoseg.write.cog_tiles import overview_count, worker_levels
+
+    out = cfg.output
+    if sieve_px > 1 or out.compress != "deflate" or not out.overviews:
+        return 0
+    return worker_levels(cfg.tiling.block_px, out.cog_blocksize_px, overview_count(shape, out.cog_blocksize_px))
 
 
 def vector_parts(cfg: JobConfig, shape: tuple[int, int], sieve_px: int) -> bool:
@@ -105,7 +118,8 @@ def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
     return ScenePlan(index, path, scene_stem(path), info, bands, grid, out_dir, cfg.storage, sieve_px,
                      fill_value=card.fill_value, scale=cfg.input.scale, offset=cfg.input.offset,
                      aoi_wkb=aoi_wkb, aoi_blocks=aoi_blocks, vector_parts=vector_parts(cfg, info.shape, sieve_px),
-                     class_names=tuple(card.class_names), model=(card.name, card.version))
+                     class_names=tuple(card.class_names), model=(card.name, card.version),
+                     cog_blocksize=cfg.output.cog_blocksize_px, cog_levels=cog_levels(cfg, info.shape, sieve_px))
 
 
 def _aoi_blocks(cfg: JobConfig, info: raster.RasterInfo, grid: TileGrid, path: str) -> tuple[bytes, frozenset[str]]:

@@ -49,8 +49,9 @@ class Aoi:
 
     def in_crs(self, crs_wkt: str):
         """The geometry transformed to ``crs_wkt`` (exactly, densified along edges)."""
+        import numpy as np
+        import shapely
         from pyproj import CRS, Transformer
-        from shapely.ops import transform as shp_transform
         from shapely import segmentize
 
         src, dst = CRS.from_wkt(self.crs_wkt), CRS.from_wkt(crs_wkt)
@@ -59,7 +60,7 @@ class Aoi:
         tr = Transformer.from_crs(src, dst, always_xy=True)
         span = max(self.geometry.bounds[2] - self.geometry.bounds[0], self.geometry.bounds[3] - self.geometry.bounds[1])
         geom = segmentize(self.geometry, max(span / 64, 1e-9))
-        return shp_transform(tr.transform, geom)
+        return shapely.transform(geom, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
 
 
 def read_aoi(spec: str, aoi_crs: str = "EPSG:4326") -> Aoi:

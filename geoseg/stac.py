@@ -156,9 +156,9 @@ def _bbox_4326(crs_wkt: str, transform, shape) -> tuple[list[float], dict]:
     ring = [transform @ (c, r) for c, r in ((0, 0), (cols, 0), (cols, rows), (0, rows))]
     tr = Transformer.from_crs(CRS.from_wkt(crs_wkt), CRS.from_epsg(4326), always_xy=True)
     geom = shapely.segmentize(shapely.Polygon(ring), max(abs(transform.a) * cols, abs(transform.e) * rows) / 32)
-    from shapely.ops import transform as shp_transform
+    import numpy as np
 
-    g = shp_transform(tr.transform, geom)
+    g = shapely.transform(geom, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
     return [round(v, 9) for v in g.bounds], shapely.geometry.mapping(g)
 
 

@@ -165,15 +165,7 @@ class SceneWriter:
         else:
             self.work = Path(self.partial) / "work"
             self.work.mkdir(parents=True, exist_ok=True)
-        from geoseg.write.cog import MaskWriter
-
-        self.mask_writer = MaskWriter(
-            self.work / "mask.scratch.tif", plan.info.shape, plan.info.transform, plan.info.crs,
-            class_names=card.class_names, palette=card.palette, nodata=NODATA,
-            blocksize_px=cfg.output.cog_blocksize_px, compress=cfg.output.compress,
-            overviews=cfg.output.overviews,
-            tags={"GEOSEG_MODEL": card.name, "GEOSEG_MODEL_VERSION": card.version, "GEOSEG_VERSION": VERSION},
-        )
+        self.mask_writer = self._mask_writer("mask", plan.cog_levels)
         self.vectors = None
         if cfg.vector.enabled:
             from geoseg.vectorize import PolygonSink, output_paths
@@ -231,10 +223,30 @@ class SceneWriter:
         if result.node is not None:
             by_node = self.stats.setdefault("blocks_by_node", {})
             by_node[result.node] = by_node.get(result.node, 0) + 1
-        self.mask_writer.write_block(block.window, result.mask, result.class_counts)
+        if result.cog is not None:  # tiles the worker compressed
+            self.mask_writer.add_tiles(result.cog, result.class_counts)
+        else:
+            self.mask_writer.write_block(block.window, result.mask, result.class_counts)
         if self.vectors is not None and self.plan.sieve_px <= 1:
             self.vectors.add(result.polygons)
             self.stats["polygons_by_workers"] = self.stats.get("polygons_by_workers", 0) + result.polygons_written
+
+    def _mask_writer(self, name: str, levels: int):
+        """The mask's writer: tiles compressed by the workers (``levels`` > 0) or by this writer, assembled into the
+        COG; GDAL's COG driver for settings other than DEFLATE with overviews."""
+        from geoseg.write.cog import MaskWriter, TiledMaskWriter
+
+        info, out, card = self.plan.info, self.cfg.output, self.card
+        tags = {"GEOSEG_MODEL": card.name, "GEOSEG_MODEL_VERSION": card.version, "GEOSEG_VERSION": VERSION}
+        if out.compress == "deflate" and out.overviews:
+            return TiledMaskWriter(self.work, info.shape, info.transform, info.crs, class_names=card.class_names,
+                                   palette=card.palette, nodata=NODATA, blocksize_px=out.cog_blocksize_px,
+                                   levels=levels, tags=tags, name=name)
+        return MaskWriter(
+            self.work / f"{name}.scratch.tif", info.shape, info.transform, info.crs, class_names=card.class_names,
+            palette=card.palette, nodata=NODATA, blocksize_px=out.cog_blocksize_px, compress=out.compress,
+            overviews=out.overviews, tags=tags,
+        )
 
     def _sieve_pass(self) -> None:
         """Minimum mapping unit over the finished raw mask, block by block with context (identical to a
@@ -242,25 +254,18 @@ class SceneWriter:
         import rasterio
 
         from geoseg import vectorize
-        from geoseg.write.cog import MaskWriter
 
         raw_path = self.mask_writer.close_scratch()
         size, conn = self.plan.sieve_px, self.cfg.vector.connectivity
         ctx = vectorize.sieve_context_px(size)
-        info = self.plan.info
-        sieved = MaskWriter(
-            self.work / "mask.sieved.tif", info.shape, info.transform, info.crs,
-            class_names=self.card.class_names, palette=self.card.palette, nodata=NODATA,
-            blocksize_px=self.cfg.output.cog_blocksize_px, compress=self.cfg.output.compress,
-            overviews=self.cfg.output.overviews, tags=self.mask_writer.tags,
-        )
+        sieved = self._mask_writer("mask.sieved", 0)
         with rasterio.open(raw_path) as raw:
             for block in self.plan.grid.blocks():
                 mask = vectorize.sieve_block(vectorize.read_with_context(raw, block.window, ctx), ctx, size, conn)
                 sieved.write_block(block.window, mask)
                 if self.vectors is not None:
                     self.vectors.add(vectorize.polygonize_block(mask, block.window, nodata=NODATA, connectivity=conn))
-        raw_path.unlink(missing_ok=True)
+        self.mask_writer.abort()  # the raw mask's scratch files
         self.mask_writer = sieved
 
     def abort(self) -> None:

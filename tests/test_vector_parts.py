@@ -18,7 +18,7 @@ import pytest
 from geoseg.api import predict
 from geoseg.errors import ConfigError
 from geoseg.vectorize import PolygonSet, SeamMerger, block_windows, polygonize_array, polygonize_block
-from geoseg.vectorize.seams import split_final
+from geoseg.vectorize.parts import split_final
 
 BASE = ["runtime.progress=none", "output.report=false", "vector.formats=[parquet,geojson,geojsonseq,gpkg]"]
 

@@ -2,7 +2,7 @@
 
 Why: one writer per scene funnelled every polygon of the scene through one process (seam merge, attributes,
 encoding, the files), about 0.5 CPU-second per megapixel: one writer could not keep up with one GPU. But most
-polygons touch no internal block edge (``seams.split_final``) and are final in the block that saw them, with
+polygons touch no internal block edge (``split_final``) and are final in the block that saw them, with
 their final ``polygon_id`` (the linear index of their first pixel, which needs no global numbering). So the
 finish task of each block writes those itself (``write_block_parts``): a GeoParquet part and, when GeoJSON is
 requested, a GeoJSONSeq text chunk, under the scene's ``.partial/parts/``. The writer merges only polygons that
@@ -31,13 +31,40 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from geoseg._ragged import take as take_ragged
 from geoseg.io import store
 from geoseg.vectorize.attributes import polygon_table, resolve_classes
-from geoseg.vectorize.polygonize import PolygonSet
+from geoseg.vectorize.polygonize import CORNERS, BlockPolygons, E, N, PolygonSet, S, W, polygon_keys
+from geoseg.vectorize.seams import corner_polygon
 
-__all__ = ["write_block_parts", "assemble", "part_kinds", "SEAMS_PART"]
+__all__ = ["split_final", "write_block_parts", "assemble", "part_kinds", "SEAMS_PART"]
 
 SEAMS_PART = "part-seams.parquet"
+
+
+def split_final(block: BlockPolygons, shape: tuple[int, int]) -> tuple[PolygonSet, BlockPolygons]:
+    """(the block's polygons that touch no internal block edge -- final as they are, with their ids --, the block
+    with only the others, for the seam merge). Which edges are internal follows from the block's window and the
+    raster's ``shape`` alone, so a worker can split its own block: ``seams.SeamMerger.add`` of the rest emits exactly
+    what it would have emitted for the whole block, less the final polygons."""
+    rows, cols = int(shape[0]), int(shape[1])
+    col_off, row_off, width, height = block.window
+    internal = {W: col_off > 0, E: col_off + width < cols, N: row_off > 0, S: row_off + height < rows}
+    touch = np.zeros(len(block), dtype=bool)
+    for side, inside in internal.items():
+        if inside:
+            touch |= (block.sides & side) != 0
+    if block.connectivity == 8:  # a diagonal neighbour exists where both sides at that corner are internal
+        for di, dj in CORNERS:
+            if internal[N if di < 0 else S] and internal[W if dj < 0 else E]:
+                p = corner_polygon(block, di, dj)
+                if p is not None:
+                    touch[p] = True
+    final = np.flatnonzero(~touch)
+    keys = polygon_keys(block.coords, block.ring_offsets, block.poly_offsets, cols)
+    coords, ring_off, poly_off = take_ragged(block.coords, block.ring_offsets, block.poly_offsets, final)
+    return (PolygonSet(coords, ring_off, poly_off, block.class_ids[final], keys[final]),
+            block.subset(np.flatnonzero(touch)))
 
 
 def part_kinds(formats: Sequence[str]) -> list[str]:

@@ -29,8 +29,7 @@ from geoseg._ragged import offsets as _offsets
 from geoseg._ragged import ranges as _ranges
 from geoseg._ragged import take as take_ragged
 from geoseg.errors import InputError
-from geoseg.vectorize.polygonize import (BlockPolygons, COORD_BITS, CORNERS, E, N, OPPOSITE, PolygonSet, S, SIDE_STEP,
-                                         W, polygon_keys, window_tuple)
+from geoseg.vectorize.polygonize import BlockPolygons, COORD_BITS, CORNERS, E, OPPOSITE, PolygonSet, SIDE_STEP, W, polygon_keys, window_tuple
 
 
 # ------------------------------------------------------------------------------------------ seam merge
@@ -57,31 +56,6 @@ def corner_polygon(block: BlockPolygons, di: int, dj: int) -> int | None:
     if di < 0:
         return int(polys[0]) if start[0] == row_off else None
     return int(polys[-1]) if end[-1] == row_off + height else None
-
-
-def split_final(block: BlockPolygons, shape: tuple[int, int]) -> tuple[PolygonSet, BlockPolygons]:
-    """(the block's polygons that touch no internal block edge -- final as they are, with their ids --, the block
-    with only the others, for the seam merge). Which edges are internal follows from the block's window and the
-    raster's ``shape`` alone, so a worker can split its own block: ``SeamMerger.add`` of the rest emits exactly
-    what it would have emitted for the whole block, less the final polygons."""
-    rows, cols = int(shape[0]), int(shape[1])
-    col_off, row_off, width, height = block.window
-    internal = {W: col_off > 0, E: col_off + width < cols, N: row_off > 0, S: row_off + height < rows}
-    touch = np.zeros(len(block), dtype=bool)
-    for side, inside in internal.items():
-        if inside:
-            touch |= (block.sides & side) != 0
-    if block.connectivity == 8:  # a diagonal neighbour exists where both sides at that corner are internal
-        for di, dj in CORNERS:
-            if internal[N if di < 0 else S] and internal[W if dj < 0 else E]:
-                p = corner_polygon(block, di, dj)
-                if p is not None:
-                    touch[p] = True
-    final = np.flatnonzero(~touch)
-    keys = polygon_keys(block.coords, block.ring_offsets, block.poly_offsets, cols)
-    coords, ring_off, poly_off = take_ragged(block.coords, block.ring_offsets, block.poly_offsets, final)
-    return (PolygonSet(coords, ring_off, poly_off, block.class_ids[final], keys[final]),
-            block.subset(np.flatnonzero(touch)))
 
 
 class _Group:

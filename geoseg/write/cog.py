@@ -24,7 +24,7 @@ from rasterio.windows import Window
 from geoseg.conventions import CLASS_NAMES_TAG, NODATA, class_label
 from geoseg.errors import OutputError, write_failure
 
-__all__ = ["MaskWriter", "CLASS_NAMES_TAG", "NODATA"]
+__all__ = ["MaskWriter", "TiledMaskWriter", "CLASS_NAMES_TAG", "NODATA"]
 
 
 class MaskWriter:
@@ -157,4 +157,77 @@ class MaskWriter:
             tmp.unlink(missing_ok=True)
             raise write_failure(dst, e, "write the mask COG") from None
         self.scratch_path.unlink(missing_ok=True)
+        return dst
+
+
+class TiledMaskWriter(MaskWriter):
+    """``MaskWriter``'s interface over ``cog_tiles.COGAssembler``: blocks arrive as compressed tiles plus a coarse
+    level (``add_tiles``, from the finish tasks) or as full masks (``write_block``, when ``levels`` is 0); the COG
+    is written from the tiles' bytes. DEFLATE with overviews only (the defaults); other settings use ``MaskWriter``."""
+
+    def __init__(self, work: str | Path, shape: tuple[int, int], transform: Affine, crs, *, class_names: list[str],
+                 palette: dict[int, tuple[int, int, int, int]], nodata: int = NODATA, blocksize_px: int = 512,
+                 levels: int = 0, tags: dict[str, str] | None = None, name: str = "mask"):
+        from geoseg.write.cog_tiles import COGAssembler
+
+        self.shape = shape
+        self.nodata = nodata
+        self.blocksize_px = blocksize_px
+        self.class_names = class_names
+        self.palette = palette
+        self.tags = dict(tags or {})
+        self.counts = np.zeros(256, dtype=np.int64)
+        all_tags = {CLASS_NAMES_TAG: json.dumps(class_names), **self.tags}
+        band_tags = {f"CLASS_{i}": n for i, n in enumerate(class_names)}
+        try:
+            self.cog = COGAssembler(Path(work) / f"{name}.parts", shape, transform, crs, blocksize=blocksize_px,
+                                    levels=levels, nodata=nodata, palette=palette, tags=all_tags,
+                                    band_tags=band_tags)
+        except (OSError, rasterio.errors.RasterioError) as e:
+            raise OutputError(f"{work}: cannot create the mask's scratch files ({e})") from None
+        self.scratch_path = self.cog.scratch_path
+
+    @property
+    def levels(self) -> int:
+        return self.cog.levels
+
+    def write_block(self, window: Window, mask: np.ndarray, counts: np.ndarray | None = None) -> None:
+        if mask.dtype != np.uint8 or mask.shape != (int(window.height), int(window.width)):
+            raise ValueError(f"block mask {mask.dtype}{mask.shape} does not fit window {window}")
+        if self.cog.levels:
+            raise ValueError("this mask writer takes tiles (add_tiles), not full blocks")
+        try:
+            self.cog.write_coarse(mask, int(window.row_off), int(window.col_off))
+        except Exception as e:
+            raise write_failure(self.scratch_path, e, "write a block of the mask") from None
+        self.counts += np.bincount(mask.ravel(), minlength=256) if counts is None else counts
+
+    def add_tiles(self, tiles, counts: np.ndarray) -> None:
+        """A block's ``cog_tiles.BlockTiles`` (its class counts made by the same worker)."""
+        try:
+            self.cog.add_tiles(tiles.tiles)
+            if tiles.coarse is not None:
+                self.cog.write_coarse(tiles.coarse, *tiles.coarse_offset)
+        except Exception as e:
+            raise write_failure(self.cog.data_path, e, "write a block of the mask") from None
+        self.counts += counts
+
+    def close_scratch(self) -> Path:
+        try:
+            return self.cog.close_scratch()
+        except Exception as e:
+            raise write_failure(self.scratch_path, e, "finish the scratch mask") from None
+
+    def abort(self) -> None:
+        self.cog.abort()
+
+    def finish(self, dst: str | Path) -> Path:
+        dst = Path(dst)
+        try:
+            self.cog.finish(dst)
+            self.verify(dst)
+        except Exception as e:
+            dst.unlink(missing_ok=True)
+            self.cog.abort()
+            raise write_failure(dst, e, "write the mask COG") from None
         return dst
