@@ -23,8 +23,11 @@ numbers the objects 1..n by their first pixel in row-major order over the scene.
 
 Output (``instances.parquet``, GeoParquet, the scene's CRS): ``instance_id`` (int64), ``class_id`` (uint8, the
 seed class), ``class_name``, ``area_m2`` (float64; planar in a projected CRS, ellipsoidal in a geographic one),
-``score`` (float64, null: geoseg masks store class ids, not probabilities), ``geometry`` (Polygon or, with
-8-connectivity, MultiPolygon). Memory: the footprint polygons of one scene, and one footprint's window at a time.
+``score`` (float64, null: geoseg masks store class ids, not probabilities), ``geometry`` (the raw object on its
+pixels: Polygon or, with 8-connectivity, MultiPolygon), ``geometry_regularized`` (a second GeoParquet geometry
+column: the object's minimum rotated rectangle, right angles in the CRS's coordinates, when the object fills at
+least ``RECTANGLE_FILL`` of it; otherwise the raw polygon simplified by one pixel, Douglas-Peucker). Memory: the
+footprint polygons of one scene, and one footprint's window at a time.
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ import numpy as np
 
 from geoseg.conventions import to_pyproj
 
-__all__ = ["split_footprints", "instances_from_polygons", "write_instances", "scene_instances", "INSTANCES_FILE",
+__all__ = ["split_footprints", "instances_from_polygons", "regularize", "write_instances", "scene_instances", "INSTANCES_FILE",
            "COLUMNS", "wants_instances"]
 
 INSTANCES_FILE = "instances.parquet"
-COLUMNS = ["instance_id", "class_id", "class_name", "area_m2", "score", "geometry"]
+COLUMNS = ["instance_id", "class_id", "class_name", "area_m2", "score", "geometry", "geometry_regularized"]
+# an object that fills at least this share of its minimum rotated rectangle is regularised to that rectangle
+RECTANGLE_FILL = 0.8
 
 _N4 = ((-1, 0), (0, -1), (0, 1), (1, 0))
 _N8 = _N4 + ((-1, -1), (-1, 1), (1, -1), (1, 1))
@@ -126,6 +131,18 @@ def _area_m2(geoms: np.ndarray, crs: Any) -> np.ndarray:
     return shapely.area(geoms).astype(np.float64) * k * k
 
 
+def regularize(geoms: np.ndarray, pixel: float) -> np.ndarray:
+    """Regularised footprints (see the module docstring); ``pixel``: the pixel size in CRS units."""
+    import shapely
+
+    if not len(geoms):
+        return np.asarray(geoms, dtype=object)
+    rect = shapely.oriented_envelope(geoms)
+    fill = shapely.area(geoms) / np.maximum(shapely.area(rect), 1e-300)
+    simple = shapely.simplify(geoms, pixel, preserve_topology=True)
+    return np.where(fill >= RECTANGLE_FILL, rect, simple)
+
+
 def _groups(geoms: np.ndarray) -> list[np.ndarray]:
     """Indices of touching geometries, grouped (union-find over an STRtree query)."""
     import shapely
@@ -201,7 +218,11 @@ def instances_from_polygons(geoms: np.ndarray, class_ids: np.ndarray, *, transfo
         "area_m2": _area_m2(out_geoms, crs) if len(out_geoms) else np.zeros(0, np.float64),
         "score": np.full(len(rows_out), np.nan, np.float64),
     })
-    return gpd.GeoDataFrame(df, geometry=gpd.GeoSeries(out_geoms, crs=to_pyproj(crs)), crs=to_pyproj(crs))
+    pcrs = to_pyproj(crs)
+    df["geometry"] = gpd.GeoSeries(out_geoms, crs=pcrs)
+    pixel = float(np.sqrt(abs(transform.a * transform.e - transform.b * transform.d)))
+    df["geometry_regularized"] = gpd.GeoSeries(regularize(out_geoms, pixel), crs=pcrs)
+    return gpd.GeoDataFrame(df, geometry="geometry", crs=pcrs)
 
 
 def write_instances(gdf, path: str | Path) -> Path:
