@@ -41,8 +41,8 @@ import numpy as np
 
 from geoseg.conventions import to_pyproj
 
-__all__ = ["split_footprints", "instances_from_polygons", "regularize", "write_instances", "scene_instances", "INSTANCES_FILE",
-           "COLUMNS", "wants_instances"]
+__all__ = ["split_footprints", "instances_from_polygons", "regularize", "write_instances", "scene_instances",
+           "INSTANCES_FILE", "COLUMNS", "wants_instances"]
 
 INSTANCES_FILE = "instances.parquet"
 COLUMNS = ["instance_id", "class_id", "class_name", "area_m2", "score", "geometry", "geometry_regularized"]

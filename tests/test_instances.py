@@ -128,7 +128,8 @@ def test_instances_tile_the_footprints_on_their_pixels(runs, spec):
     assert all(g.geom_type in ("Polygon", "MultiPolygon") and g.is_valid for g in gdf.geometry)
     reg = gdf["geometry_regularized"].values  # a second GeoParquet geometry column, in the same CRS
     assert gdf["geometry_regularized"].crs == gdf.crs and all(g.is_valid and not g.is_empty for g in reg)
-    iou = shapely.area(shapely.intersection(reg, gdf.geometry.values)) / shapely.area(shapely.union(reg, gdf.geometry.values))
+    raw = gdf.geometry.values
+    iou = shapely.area(shapely.intersection(reg, raw)) / shapely.area(shapely.union(reg, raw))
     assert iou.min() >= 0.7, iou.min()
     rect = shapely.area(reg) == shapely.area(shapely.oriented_envelope(reg))  # right-angled rectangles
     assert rect.any() and (shapely.get_num_coordinates(reg[rect]) == 5).all()

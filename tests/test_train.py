@@ -232,7 +232,8 @@ def test_boundary_labels_for_instance_training(bld):
         assert (lab[edge & (truth == 1) & (dist > 3)] == 1).all()  # the raster's edge is not a boundary
     card = make_card(cfg.train, band_names=["red", "green", "blue"], mean=[0.0] * 3, std=[1.0] * 3, gsd_m=0.1,
                      dtype="uint8", output_stride=16, halo_px=0, arch_params={})
-    assert (card.instances.footprint_classes, card.instances.seed_classes, card.instances.boundary_px) == ([1, 2], [1], 3)
+    spec = card.instances
+    assert (spec.footprint_classes, spec.seed_classes, spec.boundary_px) == ([1, 2], [1], 3)
     with pytest.raises(ConfigError, match="boundary_px"):
         config_from_dict({"train": {"classes": CLASSES3, "sources": [src], "boundary_px": 3}})
 
