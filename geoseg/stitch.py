@@ -160,6 +160,7 @@ class SceneWriter:
         self.failed: dict[str, str] = {}
         self.done: dict[str, str] = {}  # block id -> sha256 of its mask
         self.workers: dict[str, list] = {}  # inference worker -> [blocks, forward s, first start, last end]
+        self._taken = 0
         if store.is_s3(self.out_dir):
             self.work = Path(tempfile.mkdtemp(prefix=f"geoseg-{plan.stem}-"))
         else:
@@ -199,7 +200,9 @@ class SceneWriter:
             self._add(block, result)
         except Exception as e:  # a full disk under the scratch mask or the block records
             raise write_failure(self.out_dir, e, f"write block {block.id}") from None
-        release_free_memory()  # the block's buffers, freed above, go back to the OS (benchmarks/README.md)
+        self._taken += 1
+        if self._taken % 8 == 0:  # freed block buffers go back to the OS (benchmarks/README.md); a trim costs ms
+            release_free_memory()
 
     def _add(self, block: Block, result) -> None:
         # The worker that finished the block hashed it, counted its classes and stored its record already.
