@@ -60,6 +60,7 @@ class BlockResult:
     class_counts: np.ndarray | None = None  # pixels per mask value (256), by the finish stage
     polygons_written: int = 0  # final polygons the finish stage wrote itself (vector parts)
     cog: Any = None  # the block's compressed COG tiles (geoseg.write.cog_tiles.BlockTiles); then mask is None
+    confidence: np.ndarray | None = None  # with plan.confidence: the model's per-pixel confidence (geoseg.infer)
 
 
 @dataclass
@@ -93,7 +94,7 @@ def predicted_result(plan: ScenePlan, block: Block, pred, worker: str, node: str
     """A computed block's result from its ``BlockPrediction``, with the worker's timings."""
     return BlockResult(plan.index, block.id, block.row, block.col, pred.mask, pred.tiles_inferred, pred.tiles_skipped,
                        pred.model_calls, node=node, worker=worker, forward_s=pred.forward_s, started=pred.started,
-                       ended=pred.ended)
+                       ended=pred.ended, confidence=pred.confidence)
 
 
 def read_block(plan: ScenePlan, block: Block) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +114,7 @@ def compute_block(plan: ScenePlan, block: Block, predictor) -> BlockResult:
     """Read + predict one block (the model runs only here)."""
     try:
         data, valid = read_block(plan, block)
-        pred = predictor.predict_block(block, data, valid)
+        pred = predictor.predict_block(block, data, valid, confidence=plan.confidence)
     except Exception as e:  # reported with the block id; the driver decides whether the run fails
         return failed_result(plan, block, e)
     return predicted_result(plan, block, pred, "local")
@@ -150,10 +151,11 @@ def finish_block(plan: ScenePlan, block: Block, result: BlockResult | None, cfg:
     if result is None:  # resumed: read the stored mask back
         from geoseg.stitch import load_block_record
 
-        mask = load_block_record(plan, block)
-        if mask is None:
+        stored = load_block_record(plan, block, confidence=plan.confidence)
+        if stored is None:
             return failed_result(plan, block, "stored result missing or corrupt")
-        result = BlockResult(plan.index, block.id, block.row, block.col, mask, from_resume=True)
+        mask, conf = stored if plan.confidence else (stored, None)
+        result = BlockResult(plan.index, block.id, block.row, block.col, mask, from_resume=True, confidence=conf)
     if result.error is not None:
         return result
     try:
@@ -165,7 +167,7 @@ def finish_block(plan: ScenePlan, block: Block, result: BlockResult | None, cfg:
         else:  # the block's record, for resume (per-pixel work, so here and not in the scene's writer)
             from geoseg.stitch import save_block_record
 
-            result.sha256 = save_block_record(plan, block.id, result.mask)
+            result.sha256 = save_block_record(plan, block.id, result.mask, result.confidence)
         result = postprocess_block(plan, block, result, cfg.vector)
         if plan.cog_levels and result.error is None:  # compressed here; the writer copies bytes
             from geoseg.write.cog_tiles import block_tiles

@@ -158,6 +158,10 @@ class OutputConfig(_Section):
     compress: Literal["deflate", "lzw", "zstd", "none"] = "deflate"
     overviews: bool = True
     report: bool = Field(True, description="write report.html + preview.png per scene (geoseg report rebuilds them)")
+    confidence: bool | None = Field(
+        None, description="write confidence.tif per scene: the predicted class's probability, uint8 round(p * 254), "
+        "255 nodata (default: when instances.parquet is written, whose score it gives)"
+    )
     crs: str | None = Field(
         None, description="region maps: the output CRS when scenes must be warped (default: the AOI's UTM zone)"
     )

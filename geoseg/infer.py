@@ -4,6 +4,10 @@ Pure compute over arrays: no Ray, no files. The runner's inference actor and the
 ``Predictor.predict_block``. Normalisation comes from the model card and is the same elementwise transform
 for every tile (never per-tile statistics), so a pixel's input does not depend on which tile carried it.
 Tiles whose core has no valid pixel are never sent to the model.
+
+On request (``predict_block(..., confidence=True)``) a block also gets a confidence raster: the model's probability
+of each pixel's predicted class (max softmax) as uint8 ``round(p * 254)``, ``CONFIDENCE_NODATA`` where the mask is
+nodata. It comes from the same tiles, halos and crops as the mask, so it is as partition-invariant as the mask.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from geoseg._memory import release_free_memory
 from geoseg.conventions import NODATA
 from geoseg.errors import ConfigError
 from geoseg.grid import Block
+from geoseg.plan import CONFIDENCE_NODATA, CONFIDENCE_SCALE
 
 __all__ = ["select_device", "default_batch_size", "Predictor", "BlockPrediction", "NODATA"]
 
@@ -58,6 +63,7 @@ class BlockPrediction:
     forward_s: float = 0.0  # seconds inside forward passes (device sync included)
     started: float = 0.0  # wall clock (time.time()) at the block's start and end, for the busy fraction
     ended: float = 0.0
+    confidence: np.ndarray | None = None  # when asked: uint8 round(max softmax * 254), 255 where the mask is nodata
 
 
 def _rel(inner: Window, outer: Window) -> tuple[slice, slice]:
@@ -85,9 +91,14 @@ class Predictor:
         dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
         return torch.autocast(device_type="cuda", dtype=dtype)
 
-    @torch.inference_mode()
     def forward_classes(self, batch: np.ndarray) -> np.ndarray:
         """Raw tiles (N, bands, rows, cols) -> class ids (N, rows, cols) uint8."""
+        return self.forward(batch)[0]
+
+    @torch.inference_mode()
+    def forward(self, batch: np.ndarray, confidence: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw tiles (N, bands, rows, cols) -> (class ids (N, rows, cols) uint8, and with ``confidence`` the
+        predicted class's probability as uint8 ``round(p * 254)``, else None)."""
         t0 = time.perf_counter()
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
         x = self.card.normalization.apply(x)
@@ -95,13 +106,20 @@ class Predictor:
             logits = self.module(x)
         self.model_calls += 1
         classes = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()  # .cpu() waits for the device
+        conf = None
+        if confidence:  # float32 softmax whatever the autocast; max over classes is the argmax class's probability
+            p = torch.softmax(logits.float(), dim=1).amax(dim=1)
+            conf = torch.round(p * CONFIDENCE_SCALE).to(torch.uint8).cpu().numpy()
         self.forward_s += time.perf_counter() - t0
-        return classes
+        return classes, conf
 
-    def predict_block(self, block: Block, data: np.ndarray, valid: np.ndarray) -> BlockPrediction:
-        """Predict every tile of ``block`` from its read array ``data`` (bands, rows, cols) over ``block.read``."""
+    def predict_block(self, block: Block, data: np.ndarray, valid: np.ndarray,
+                      confidence: bool = False) -> BlockPrediction:
+        """Predict every tile of ``block`` from its read array ``data`` (bands, rows, cols) over ``block.read``;
+        with ``confidence`` also the block's confidence raster (see the module docstring)."""
         started, forward0 = time.time(), self.forward_s
         out = np.full((int(block.window.height), int(block.window.width)), NODATA, dtype=np.uint8)
+        conf_out = np.full(out.shape, CONFIDENCE_NODATA, dtype=np.uint8) if confidence else None
         # Tiles with the same read shape batch together (edge tiles are clipped, so shapes vary there).
         groups: dict[tuple[int, int], list] = defaultdict(list)
         skipped = 0
@@ -117,12 +135,17 @@ class Predictor:
             for i in range(0, len(tiles), self.batch_size):
                 chunk = tiles[i : i + self.batch_size]
                 batch = np.stack([data[(slice(None), *_rel(t.read, block.read))] for t in chunk])
-                classes = self.forward_classes(batch)
-                for t, cls in zip(chunk, classes):
+                classes, conf = self.forward(batch, confidence)
+                for k, (t, cls) in enumerate(zip(chunk, classes)):
                     out[_rel(t.core, block.window)] = cls[_rel(t.core, t.read)]
+                    if conf_out is not None:
+                        conf_out[_rel(t.core, block.window)] = conf[k][_rel(t.core, t.read)]
                 inferred += len(chunk)
-        out[~valid[_rel(block.window, block.read)]] = NODATA
+        invalid = ~valid[_rel(block.window, block.read)]
+        out[invalid] = NODATA
+        if conf_out is not None:
+            conf_out[invalid] = CONFIDENCE_NODATA
         if self.device.type == "cpu":
             release_free_memory()
         return BlockPrediction(out, inferred, skipped, self.model_calls - calls0, self.forward_s - forward0,
-                               started, time.time())
+                               started, time.time(), conf_out)

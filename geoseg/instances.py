@@ -23,17 +23,20 @@ numbers the objects 1..n by their first pixel in row-major order over the scene.
 
 Output (``instances.parquet``, GeoParquet, the scene's CRS): ``instance_id`` (int64), ``class_id`` (uint8, the
 seed class), ``class_name``, ``area_m2`` (float64; planar in a projected CRS, ellipsoidal in a geographic one),
-``score`` (float64, null: geoseg masks store class ids, not probabilities), ``geometry`` (the raw object on its
+``score`` (float64: the mean over the object's pixels of the model's probability of each pixel's predicted class,
+read from the scene's ``confidence.tif`` (``output.confidence``, on by default with instances; 1/254 steps), so as
+partition-invariant as the mask; null only without that raster), ``geometry`` (the raw object on its
 pixels: Polygon or, with 8-connectivity, MultiPolygon), ``geometry_regularized`` (a second GeoParquet geometry
 column: the object's minimum rotated rectangle, right angles in the CRS's coordinates, when the object fills at
 least ``RECTANGLE_FILL`` of it; otherwise the raw polygon simplified by one pixel, Douglas-Peucker). Memory: the
-footprint polygons of one scene, and one footprint's window at a time.
+footprint polygons of one scene, and one footprint's window at a time (of the confidence raster too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,8 @@ __all__ = ["split_footprints", "instances_from_polygons", "regularize", "write_i
 
 INSTANCES_FILE = "instances.parquet"
 COLUMNS = ["instance_id", "class_id", "class_name", "area_m2", "score", "geometry", "geometry_regularized"]
+# confidence.tif's tag holding the value that stands for probability 1 (geoseg.plan.CONFIDENCE_SCALE)
+CONFIDENCE_SCALE_TAG = "GEOSEG_CONFIDENCE_SCALE"
 # an object that fills at least this share of its minimum rotated rectangle is regularised to that rectangle
 RECTANGLE_FILL = 0.8
 
@@ -168,9 +173,12 @@ def _groups(geoms: np.ndarray) -> list[np.ndarray]:
 def instances_from_polygons(geoms: np.ndarray, class_ids: np.ndarray, *, transform, crs, shape: tuple[int, int],
                             footprint_classes: Sequence[int], seed_classes: Sequence[int],
                             class_names: Sequence[str] = (), connectivity: int = 4, min_seed_px: int = 1,
-                            min_instance_px: int = 1):
+                            min_instance_px: int = 1,
+                            confidence: Callable[[int, int, int, int], np.ndarray] | None = None):
     """The objects of a scene from its footprint-class polygons (map coordinates on the grid ``transform``,
-    ``shape``): a GeoDataFrame with ``COLUMNS`` (see the module docstring)."""
+    ``shape``): a GeoDataFrame with ``COLUMNS`` (see the module docstring). ``confidence(r0, r1, c0, c1)``: that
+    window of the scene's per-pixel probabilities of the predicted class (float, NaN where none), for ``score``;
+    None: scores are null."""
     import geopandas as gpd
     import pandas as pd
     import shapely
@@ -180,7 +188,7 @@ def instances_from_polygons(geoms: np.ndarray, class_ids: np.ndarray, *, transfo
     keep = np.isin(class_ids, list(footprint_classes))
     geoms, class_ids = np.asarray(geoms)[keep], np.asarray(class_ids)[keep]
     inv = ~transform
-    rows_out: list[tuple[int, int, Any]] = []  # (first pixel key, class id, geometry)
+    rows_out: list[tuple[int, int, Any, float]] = []  # (first pixel key, class id, geometry, score)
     width = int(shape[1])
     for idx in _groups(geoms) if len(geoms) else []:
         x0, y0, x1, y1 = shapely.total_bounds(geoms[idx])
@@ -199,6 +207,7 @@ def instances_from_polygons(geoms: np.ndarray, class_ids: np.ndarray, *, transfo
         flat = labels.ravel()
         ids, first = np.unique(flat, return_index=True)
         first_of = dict(zip(ids.tolist(), first.tolist()))
+        score = _scores(flat, len(label_class), None if confidence is None else confidence(r0, r1, c0, c1))
         parts: dict[int, list] = {}
         for geom, value in shapes(labels, mask=labels > 0, connectivity=connectivity, transform=wt):
             parts.setdefault(int(value), []).append(shapely.geometry.shape(geom))
@@ -206,23 +215,36 @@ def instances_from_polygons(geoms: np.ndarray, class_ids: np.ndarray, *, transfo
             p = parts[lab]
             g = p[0] if len(p) == 1 else shapely.MultiPolygon(p)
             r, c = divmod(first_of[lab], c1 - c0)
-            rows_out.append(((r0 + r) * width + (c0 + c), cid, g))
+            rows_out.append(((r0 + r) * width + (c0 + c), cid, g, float(score[lab])))
     rows_out.sort(key=lambda t: t[0])
-    out_geoms = np.array([g for _, _, g in rows_out], dtype=object)
-    cids = np.array([c for _, c, _ in rows_out], np.uint8)
+    out_geoms = np.array([t[2] for t in rows_out], dtype=object)
+    cids = np.array([t[1] for t in rows_out], np.uint8)
     names = [class_names[c] if c < len(class_names) else f"class_{c}" for c in cids.tolist()]
     df = pd.DataFrame({
         "instance_id": np.arange(1, len(rows_out) + 1, dtype=np.int64),
         "class_id": cids,
         "class_name": pd.Series(names, dtype=object),
         "area_m2": _area_m2(out_geoms, crs) if len(out_geoms) else np.zeros(0, np.float64),
-        "score": np.full(len(rows_out), np.nan, np.float64),
+        "score": np.array([t[3] for t in rows_out], np.float64),
     })
     pcrs = to_pyproj(crs)
     df["geometry"] = gpd.GeoSeries(out_geoms, crs=pcrs)
     pixel = float(np.sqrt(abs(transform.a * transform.e - transform.b * transform.d)))
     df["geometry_regularized"] = gpd.GeoSeries(regularize(out_geoms, pixel), crs=pcrs)
     return gpd.GeoDataFrame(df, geometry="geometry", crs=pcrs)
+
+
+def _scores(labels: np.ndarray, n: int, prob: np.ndarray | None) -> np.ndarray:
+    """Mean probability of labels 0..n over their pixels (NaN pixels left out); NaN without probabilities (or
+    where a label has no pixel with one)."""
+    if prob is None:
+        return np.full(n + 1, np.nan)
+    prob = prob.ravel()
+    ok = ~np.isnan(prob)
+    total = np.bincount(labels[ok], weights=prob[ok].astype(np.float64), minlength=n + 1)
+    count = np.bincount(labels[ok], minlength=n + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / count
 
 
 def write_instances(gdf, path: str | Path) -> Path:
@@ -264,9 +286,24 @@ def scene_instances(cfg, card, plan, local: dict[str, Path], work: Path) -> dict
         return {}
     spec = card.instances
     polys = _read_polygons(local, list(spec.footprint_classes))
-    gdf = instances_from_polygons(
-        np.asarray(polys.geometry.values), polys["class_id"].to_numpy().astype(int), transform=plan.info.transform,
-        crs=plan.info.crs, shape=tuple(plan.info.shape), footprint_classes=spec.footprint_classes,
-        seed_classes=spec.seed_classes, class_names=card.class_names, connectivity=cfg.vector.connectivity,
-        min_seed_px=spec.min_seed_px, min_instance_px=spec.min_instance_px)
+    with contextlib.ExitStack() as stack:
+        confidence = None
+        if "confidence" in local:  # output.confidence: the score
+            import rasterio
+            from rasterio.windows import Window
+
+            src = stack.enter_context(rasterio.open(local["confidence"]))
+            if (src.height, src.width) != tuple(plan.info.shape) or src.transform != plan.info.transform:
+                raise ValueError(f"{local['confidence']}: not on the scene's pixel grid")
+            scale, nodata = float(src.tags()[CONFIDENCE_SCALE_TAG]), src.nodata
+
+            def confidence(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+                raw = src.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
+                return np.where(raw == nodata, np.nan, raw / scale)
+
+        gdf = instances_from_polygons(
+            np.asarray(polys.geometry.values), polys["class_id"].to_numpy().astype(int), transform=plan.info.transform,
+            crs=plan.info.crs, shape=tuple(plan.info.shape), footprint_classes=spec.footprint_classes,
+            seed_classes=spec.seed_classes, class_names=card.class_names, connectivity=cfg.vector.connectivity,
+            min_seed_px=spec.min_seed_px, min_instance_px=spec.min_instance_px, confidence=confidence)
     return {"instances": write_instances(gdf, Path(work) / INSTANCES_FILE)}

@@ -17,8 +17,12 @@ from geoseg.errors import ConfigError, InputError
 from geoseg.grid import TileGrid
 from geoseg.io import contract, raster, store
 
-__all__ = ["ScenePlan", "plan_scene", "scene_stem", "aoi_mask", "partial_dir", "parts_dir", "SINGLE_FILE_MAX_PX"]
+__all__ = ["ScenePlan", "plan_scene", "scene_stem", "aoi_mask", "partial_dir", "parts_dir", "SINGLE_FILE_MAX_PX",
+           "wants_confidence", "CONFIDENCE_SCALE", "CONFIDENCE_NODATA"]
 
+#: confidence rasters (``output.confidence``): uint8 ``round(probability of the predicted class * 254)``, 255 nodata
+CONFIDENCE_SCALE = 254
+CONFIDENCE_NODATA = 255
 #: ``vector.single_file`` unset: scenes up to this many pixels get one file per format from their writer.
 SINGLE_FILE_MAX_PX = 8192 * 8192
 
@@ -55,6 +59,7 @@ class ScenePlan:
     model: tuple[str, str] = ("", "")  # the model's name and version, for the same
     cog_blocksize: int = 512  # the mask COG's tile side
     cog_levels: int = 0  # levels of the mask COG each block's worker compresses (geoseg.write.cog_tiles)
+    confidence: bool = False  # the model's per-pixel confidence is predicted, stored and written (confidence.tif)
 
 
 def partial_dir(plan: ScenePlan) -> str:
@@ -65,6 +70,15 @@ def partial_dir(plan: ScenePlan) -> str:
 def parts_dir(plan: ScenePlan) -> str:
     """The workers' polygon parts of a scene (``geoseg.vectorize.parts``)."""
     return store.join(partial_dir(plan), "parts")
+
+
+def wants_confidence(cfg: JobConfig, card) -> bool:
+    """``output.confidence`` (default: when the scene gets ``instances.parquet``, whose ``score`` it gives)."""
+    if cfg.output.confidence is not None:
+        return bool(cfg.output.confidence)
+    from geoseg.instances import wants_instances
+
+    return wants_instances(cfg, card)
 
 
 def cog_levels(cfg: JobConfig, shape: tuple[int, int], sieve_px: int) -> int:
@@ -119,7 +133,8 @@ def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
                      fill_value=card.fill_value, scale=cfg.input.scale, offset=cfg.input.offset,
                      aoi_wkb=aoi_wkb, aoi_blocks=aoi_blocks, vector_parts=vector_parts(cfg, info.shape, sieve_px),
                      class_names=tuple(card.class_names), model=(card.name, card.version),
-                     cog_blocksize=cfg.output.cog_blocksize_px, cog_levels=cog_levels(cfg, info.shape, sieve_px))
+                     cog_blocksize=cfg.output.cog_blocksize_px, cog_levels=cog_levels(cfg, info.shape, sieve_px),
+                     confidence=wants_confidence(cfg, card))
 
 
 def _aoi_blocks(cfg: JobConfig, info: raster.RasterInfo, grid: TileGrid, path: str) -> tuple[bytes, frozenset[str]]:

@@ -28,7 +28,7 @@ from geoseg.conventions import NODATA, VERSION
 from geoseg.errors import OutputError, write_failure
 from geoseg.grid import Block
 from geoseg.io import raster, store
-from geoseg.plan import ScenePlan, partial_dir
+from geoseg.plan import CONFIDENCE_NODATA, CONFIDENCE_SCALE, ScenePlan, partial_dir
 
 __all__ = ["SceneWriter", "prepare_scene", "stored_blocks", "fingerprint", "load_run_record", "load_block_record",
            "save_block_record", "block_sha256"]
@@ -65,29 +65,38 @@ def load_run_record(plan: ScenePlan) -> dict[str, Any] | None:
     return json.loads(store.read_bytes(path, plan.storage))
 
 
-def load_block_record(plan: ScenePlan, block: Block) -> np.ndarray | None:
-    """A block mask stored by an earlier run, or None when missing or its checksum fails (then recompute)."""
+def load_block_record(plan: ScenePlan, block: Block, confidence: bool = False):
+    """A block mask stored by an earlier run, or None when missing or its checksum fails (then recompute). With
+    ``confidence``: ``(mask, confidence)``, None also when the record holds no valid confidence."""
     path = store.join(partial_dir(plan), "blocks", f"{block.id}.npz")
+    shape = (int(block.window.height), int(block.window.width))
     try:
         with np.load(io.BytesIO(store.read_bytes(path, plan.storage))) as z:
             mask, sha = z["mask"], str(z["sha256"])
+            conf, conf_sha = (z["confidence"], str(z["confidence_sha256"])) if confidence else (None, None)
     except Exception:
         return None
-    if block_sha256(mask) != sha or mask.shape != (int(block.window.height), int(block.window.width)):
+    if block_sha256(mask) != sha or mask.shape != shape:
         return None
-    return mask
+    if not confidence:
+        return mask
+    if block_sha256(conf) != conf_sha or conf.shape != shape or conf.dtype != np.uint8:
+        return None
+    return mask, conf
 
 
 def block_sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def save_block_record(plan: ScenePlan, block_id: str, mask: np.ndarray) -> str:
-    """Store a computed block's mask for resume (by the worker that finished it: compressing it is per-pixel work
-    the scene's writer should not do); returns its sha256."""
+def save_block_record(plan: ScenePlan, block_id: str, mask: np.ndarray, confidence: np.ndarray | None = None) -> str:
+    """Store a computed block's mask (and its confidence, when predicted) for resume (by the worker that finished
+    it: compressing it is per-pixel work the scene's writer should not do); returns the mask's sha256."""
     sha = block_sha256(mask)
+    extra = {} if confidence is None else {"confidence": confidence,
+                                           "confidence_sha256": np.array(block_sha256(confidence))}
     buf = io.BytesIO()
-    np.savez_compressed(buf, mask=mask, sha256=np.array(sha))
+    np.savez_compressed(buf, mask=mask, sha256=np.array(sha), **extra)
     store.write_bytes(store.join(partial_dir(plan), "blocks", f"{block_id}.npz"), buf.getvalue(), plan.storage)
     return sha
 
@@ -140,7 +149,8 @@ def _block_ids(plan: ScenePlan, storage) -> set[str]:
 
 
 class SceneWriter:
-    """The single writer of one scene: mask COG, vectors, block records, run record.
+    """The single writer of one scene: mask COG (and ``confidence.tif`` with ``plan.confidence``), vectors, block
+    records, run record.
 
     Output files are assembled in a local work directory and published (rename locally, one PUT on S3);
     ``run.json`` goes last.
@@ -167,6 +177,7 @@ class SceneWriter:
             self.work = Path(self.partial) / "work"
             self.work.mkdir(parents=True, exist_ok=True)
         self.mask_writer = self._mask_writer("mask", plan.cog_levels)
+        self.confidence_writer = self._confidence_writer() if plan.confidence else None
         self.vectors = None
         if cfg.vector.enabled:
             from geoseg.vectorize import PolygonSink, output_paths
@@ -188,6 +199,8 @@ class SceneWriter:
                 )
             except BaseException:
                 self.mask_writer.abort()  # no scratch file left behind by a setting refused here
+                if self.confidence_writer is not None:
+                    self.confidence_writer.abort()
                 raise
 
     # -- writing ------------------------------------------------------------------------------------------
@@ -211,7 +224,7 @@ class SceneWriter:
             self.stats["blocks_resumed"] += 1
         else:
             if result.sha256 is None:
-                save_block_record(self.plan, block.id, result.mask)
+                save_block_record(self.plan, block.id, result.mask, result.confidence)
             self.stats["blocks_computed"] += 1
             if self.plan.aoi_blocks is None or block.id in self.plan.aoi_blocks:
                 self.stats["blocks_read"] += 1
@@ -230,6 +243,10 @@ class SceneWriter:
             self.mask_writer.add_tiles(result.cog, result.class_counts)
         else:
             self.mask_writer.write_block(block.window, result.mask, result.class_counts)
+        if self.confidence_writer is not None:
+            if result.confidence is None:
+                raise ValueError(f"block {block.id} arrived without the confidence this scene writes")
+            self.confidence_writer.write_block(block.window, result.confidence)
         if self.vectors is not None and self.plan.sieve_px <= 1:
             self.vectors.add(result.polygons)
             self.stats["polygons_by_workers"] = self.stats.get("polygons_by_workers", 0) + result.polygons_written
@@ -250,6 +267,20 @@ class SceneWriter:
             palette=card.palette, nodata=NODATA, blocksize_px=out.cog_blocksize_px, compress=out.compress,
             overviews=out.overviews, tags=tags,
         )
+
+    def _confidence_writer(self):
+        """``confidence.tif``'s writer (GDAL's COG driver, DEFLATE): a grey colour ramp, 255 nodata."""
+        from geoseg.instances import CONFIDENCE_SCALE_TAG
+        from geoseg.write.cog import MaskWriter
+
+        info, out, card = self.plan.info, self.cfg.output, self.card
+        tags = {"GEOSEG_MODEL": card.name, "GEOSEG_MODEL_VERSION": card.version, "GEOSEG_VERSION": VERSION,
+                "GEOSEG_CONFIDENCE": f"probability of the predicted class * {CONFIDENCE_SCALE}, rounded",
+                CONFIDENCE_SCALE_TAG: str(CONFIDENCE_SCALE)}
+        grey = {i: (i, i, i, 255) for i in range(CONFIDENCE_SCALE + 1)}
+        return MaskWriter(self.work / "confidence.scratch.tif", info.shape, info.transform, info.crs, class_names=[],
+                          palette=grey, nodata=CONFIDENCE_NODATA, blocksize_px=out.cog_blocksize_px,
+                          compress="deflate", overviews=out.overviews, tags=tags)
 
     def _sieve_pass(self) -> None:
         """Minimum mapping unit over the finished raw mask, block by block with context (identical to a
@@ -275,6 +306,8 @@ class SceneWriter:
         """Leave block records for resume; drop scratch files and outputs finished in the work directory (a
         rerun rebuilds them from the block records, and a full disk gets its space back)."""
         self.mask_writer.abort()
+        if self.confidence_writer is not None:
+            self.confidence_writer.abort()
         if self.vectors is not None:
             self.vectors.abort()
         shutil.rmtree(self.work, ignore_errors=True)
@@ -329,6 +362,8 @@ class SceneWriter:
         if self.plan.sieve_px > 1:
             self._sieve_pass()
         local: dict[str, Path] = {"mask": self.mask_writer.finish(self.work / "mask.tif")}
+        if self.confidence_writer is not None:  # before the instances: their score is read from it
+            local["confidence"] = self.confidence_writer.finish(self.work / "confidence.tif")
         if self.vectors is not None:
             local.update(self._vector_outputs())
             from geoseg.instances import scene_instances  # issue 12: instances.parquet from the final polygons

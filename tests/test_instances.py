@@ -101,6 +101,9 @@ def test_instances_identical_for_block_sizes_that_cut_buildings(runs, spec):
     assert a["class_id"].tolist() == b["class_id"].tolist()
     assert all(shapely.equals_exact(a.geometry.values, b.geometry.values, tolerance=0))
     assert np.array_equal(a["area_m2"].to_numpy(), b["area_m2"].to_numpy())
+    assert np.array_equal(a["score"].to_numpy(), b["score"].to_numpy())  # from confidence.tif, as invariant
+    for name in ("mask.tif", "confidence.tif"):  # the rasters themselves: byte-identical for both block sizes
+        assert (runs[128] / name).read_bytes() == (runs[1024] / name).read_bytes(), name
     # the 128 px blocks really cut objects: instances crossing a block border (in pixels of the mosaic)
     with rasterio.open(runs[128] / "mask.tif") as m:
         inv = ~m.transform
@@ -111,6 +114,7 @@ def test_instances_identical_for_block_sizes_that_cut_buildings(runs, spec):
     for run in runs.values():
         rec = json.loads((run / "run.json").read_text())
         assert rec["outputs"]["instances"].endswith(INSTANCES_FILE)
+        assert rec["outputs"]["confidence"].endswith("confidence.tif")  # on by default with instances
         assert rec["model"]["instances"]["seed_classes"] == spec.seed_classes
 
 
@@ -121,7 +125,9 @@ def test_instances_tile_the_footprints_on_their_pixels(runs, spec):
     assert list(gdf.columns) == COLUMNS
     assert str(gdf["instance_id"].dtype) == "int64" and str(gdf["class_id"].dtype) == "uint8"
     assert str(gdf["area_m2"].dtype) == "float64" and str(gdf["score"].dtype) == "float64"
-    assert gdf["score"].isna().all()  # geoseg masks store no probabilities
+    score = gdf["score"].to_numpy()
+    assert np.isfinite(score).all() and (score > 0).all() and (score <= 1).all()
+    assert len(np.unique(score)) > len(score) // 2  # a real per-object mean, not a constant
     assert set(gdf["class_id"]) <= set(spec.seed_classes)
     assert (gdf["class_name"] == "building").all()
     assert (gdf["area_m2"] > 0).all()
@@ -146,6 +152,17 @@ def test_instances_tile_the_footprints_on_their_pixels(runs, spec):
                                         min_instance_px=spec.min_instance_px)
     assert np.array_equal(lab, want)
     assert dict(zip(gdf["instance_id"], gdf["class_id"])) == want_class
+    with rasterio.open(scene / "confidence.tif") as c:  # the mask's grid; nodata exactly where the mask's is
+        assert (c.height, c.width, c.transform, c.crs, c.nodata, c.dtypes[0]) == \
+            (*mask.shape, transform, crs, 255, "uint8")
+        conf = c.read(1)
+    assert np.array_equal(conf == 255, mask == 255)
+    n_classes = len(load_model(MODEL).card.class_names)
+    assert conf[mask != 255].min() >= np.floor(254 / n_classes)  # a max softmax is at least 1 / classes
+    # score: the mean confidence over each instance's pixels (whole-raster computation, independent of the code)
+    ids = gdf["instance_id"].to_numpy()
+    want_score = ndimage.mean(conf.astype(np.float64), labels=lab, index=ids) / 254
+    assert np.allclose(score, want_score, rtol=0, atol=1e-12)
     if spec.min_instance_px == 1:
         assert np.array_equal(lab > 0, np.isin(mask, spec.footprint_classes))
     total = sum(int(rasterize([g], out_shape=mask.shape, transform=transform, dtype="uint8").sum())
@@ -153,6 +170,51 @@ def test_instances_tile_the_footprints_on_their_pixels(runs, spec):
     assert total == int((lab > 0).sum())  # no pixel in two instances
     first = [int(np.flatnonzero((lab == i).ravel())[0]) for i in gdf["instance_id"]]
     assert first == sorted(first)  # ids by first pixel, row-major
+
+
+def test_resumed_run_gives_the_same_scores_and_confidence(work, mosaic, runs):
+    """A run interrupted after 5 of 16 blocks and resumed from its block records (which store the confidence too)
+    publishes the same confidence.tif and instance scores as the uninterrupted run."""
+    from geoseg.api import predict
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop_after_5(result):
+        seen.append(result.block_id)
+        if len(seen) == 5:
+            raise Stop
+
+    out = work / "resumed"
+    sets = list(FAST) + ["tiling.tile_px=128", "tiling.block_px=128"]
+    with pytest.raises(Stop):
+        predict([str(mosaic)], str(out), model=MODEL, overrides=sets, on_result=stop_after_5)
+    scene = out / mosaic.stem
+    assert not (scene / "confidence.tif").exists() and not (scene / INSTANCES_FILE).exists()
+    records = sorted((scene / ".partial" / "blocks").glob("*.npz"))
+    assert len(records) >= 5
+    with np.load(records[0]) as z:
+        assert z["confidence"].shape == z["mask"].shape
+    (rec,) = predict([str(mosaic)], str(out), model=MODEL, overrides=sets)
+    assert rec["stats"]["blocks_resumed"] == len(records) and rec["stats"]["blocks_computed"] == 16 - len(records)
+    for name in ("mask.tif", "confidence.tif"):
+        assert (scene / name).read_bytes() == (runs[128] / name).read_bytes(), name
+    a, b = _instances(scene), _instances(runs[128])
+    assert a["score"].notna().all()
+    assert np.array_equal(a["score"].to_numpy(), b["score"].to_numpy())
+
+
+def test_ray_engine_gives_the_same_confidence_and_scores(work, mosaic, runs, ray_local):
+    """Confidences computed in Ray's inference actors and written beside the worker-compressed mask tiles."""
+    scene = _predict(mosaic, work / "ray", "tiling.tile_px=128", "tiling.block_px=256", "runtime.engine=ray",
+                     "runtime.workers=2", "runtime.cpus_per_worker=0.5")
+    workers = json.loads((scene / "run.json").read_text())["inference_workers"]
+    assert workers and all(w["worker"] != "local" for w in workers)  # Ray's actors ran the model
+    for name in ("mask.tif", "confidence.tif"):
+        assert (scene / name).read_bytes() == (runs[128] / name).read_bytes(), name
+    assert np.array_equal(_instances(scene)["score"].to_numpy(), _instances(runs[128])["score"].to_numpy())
 
 
 def test_touching_buildings_become_separate_instances(work, spec):
@@ -190,8 +252,9 @@ def test_split_from_polygons_equals_split_of_the_raster(spec):
 
 def test_vector_instances_false_writes_none(work):
     scene = _predict(_require(VAL / "images" / f"{TOUCHING_CHIP}.tif"), work / "off", "vector.instances=false")
-    assert not (scene / INSTANCES_FILE).exists()
-    assert "instances" not in json.loads((scene / "run.json").read_text())["outputs"]
+    assert not (scene / INSTANCES_FILE).exists() and not (scene / "confidence.tif").exists()
+    outputs = json.loads((scene / "run.json").read_text())["outputs"]
+    assert "instances" not in outputs and "confidence" not in outputs
 
 
 def test_export_coco_of_instances_validates_with_pycocotools(work, runs, mosaic, spec):

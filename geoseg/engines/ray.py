@@ -176,7 +176,7 @@ class InferenceActor:
             return read
         data, valid = read
         try:
-            pred = self._predictor(model_box).predict_block(block, data, valid)
+            pred = self._predictor(model_box).predict_block(block, data, valid, confidence=plan.confidence)
         except Exception as e:
             return failed_result(plan, block, e)
         ctx = ray.get_runtime_context()
