@@ -1,8 +1,8 @@
 """End-to-end pipeline benchmark on the Ray engine, every ratio measured within this one run.
 
 A VRT repeating the real Sentinel-2 chip k x k times (k = 1, 2, 4, 8: 1x, 4x, 16x, 64x the pixels, no extra
-disk) goes through ``geoseg predict`` (Ray engine forced, a local Ray started by the job, one inference worker
-holding every CPU, default outputs: mask, GeoParquet, GPKG, GeoJSON, report) in a child process, and:
+disk) goes through ``geoseg predict`` (Ray engine forced, a local Ray started by the job, the runtime's default
+workers and CPUs, default outputs: mask, GeoParquet, GPKG, GeoJSON, report) in a child process, and:
 
 1. Memory: the peak of the whole process tree (driver, GCS, raylet, workers) is sampled, as the sum of RSS
    (the goal) and of PSS (which splits shared pages such as Ray's object store fairly). Goal: 16x / 1x <= 1.2.
@@ -183,13 +183,18 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="geoseg-bench-"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("RAY_ADDRESS", None)
-    threads = max(1, os.cpu_count() or 2)
-    # One inference worker holding every CPU for its threads (Ray sets its thread count to the actor's CPUs),
-    # as the model-only timing below uses; read and finish tasks take a quarter CPU each.
-    common = ["tiling.block_px=512", f"tiling.tile_px={args.tile_px}", "runtime.workers=1",
-              f"runtime.cpus_per_worker={threads}", "runtime.cpus_per_task=0.25", f"runtime.num_cpus={threads + 1}"]
+    from geoseg.config import RuntimeConfig
+
+    # The runtime's defaults, as a user gets them: one inference worker with one CPU (its thread count), the
+    # other CPUs for reading, polygonizing and writing. The model-only time uses the same thread count. (One
+    # worker holding both CPUs of this machine oversubscribed them: its forward passes ran 1.6x slower inside the
+    # job than alone, waiting on threads the read and finish tasks had preempted.)
+    rt = RuntimeConfig()
+    threads = max(1, int(rt.cpus_per_worker))
+    common = ["tiling.block_px=512", f"tiling.tile_px={args.tile_px}"]
     rows = []
-    print(f"== Dynamic World, block 512 px, tile {args.tile_px} px, 1 inference worker x {threads} threads ==")
+    print(f"== Dynamic World, block 512 px, tile {args.tile_px} px, {rt.workers} inference worker x {threads} "
+          "thread (runtime defaults) ==")
     print(f"{'input':>6} {'Mpx':>6} {'wall s':>7} {'start s':>7} {'work s':>7} {'busy':>6} {'peak RSS MiB':>13} "
           f"{'peak PSS MiB':>13} {'sum VmHWM MiB':>14}")
     vrts = {}
@@ -214,7 +219,7 @@ def main() -> None:
                 name = ",".join(sorted(x.removeprefix("ray::") for x in labels if x != "ray::IDLE")) or "idle"
                 print(f"{'':>8}peak PSS {peak / 2**20:5.0f} MiB, VmHWM {high / 2**20:5.0f} MiB  pid {pid:<8} "
                       f"{name[:50]}")
-    results: dict = {"machine": {"cpus": threads}, "runs": rows}
+    results: dict = {"machine": {"cpus": os.cpu_count(), "inference_threads": threads}, "runs": rows}
     by_x = {r["area_x"]: r for r in rows}
     small, big = rows[0], rows[-1]
 
@@ -258,8 +263,7 @@ def main() -> None:
     if args.speedup:
         vrt = vrts.get(2) or tiled_vrt(args.chip, tmp / "x4.vrt", 2)
         one = run_with_peak(geoseg_cmd(vrt, tmp / "s1", *common), env)[0]
-        two = run_with_peak(geoseg_cmd(vrt, tmp / "s2", *common, "runtime.workers=2",
-                                       f"runtime.cpus_per_worker={threads / 2:g}"), env)[0]
+        two = run_with_peak(geoseg_cmd(vrt, tmp / "s2", *common, "runtime.workers=2"), env)[0]
         print(f"4x mosaic: 1 worker {one:.1f} s, 2 workers {two:.1f} s: speedup {one / two:.2f}x")
         results["speedup_2_over_1"] = one / two
     if args.json:

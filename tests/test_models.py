@@ -56,7 +56,7 @@ def bundle(tmp_path) -> tuple[Path, torch.nn.Module]:
 
 def test_registry_is_plain_dicts():
     assert set(ARCHITECTURES) == {"dynamic_world", "unet", "deeplabv3plus"}
-    assert list_models() == ["buildings", "dynamic-world"]
+    assert list_models() == ["buildings", "buildings-instances", "dynamic-world"]
     assert PRETRAINED["dynamic-world"].joinpath("weights.safetensors").stat().st_size < 2_000_000
 
 

@@ -60,7 +60,9 @@ def init_ray(cfg: JobConfig) -> bool:
 
         _reaper.start()  # ends this Ray's processes within a second or two of the driver, even after SIGKILL
         with _quiet_ray_start():
-            ray.init(num_cpus=rt.num_cpus or max(os.cpu_count() or 1, int(need + 0.999)),
+            # address="local": a private Ray even when `ray start` left a cluster on this machine (ray.init would
+            # join that one, where num_cpus may not be given)
+            ray.init(address="local", num_cpus=rt.num_cpus or max(os.cpu_count() or 1, int(need + 0.999)),
                      object_store_memory=store_mb * 2**20 if store_mb else None,
                      include_dashboard=False, log_to_driver=True)
     return True
@@ -70,7 +72,8 @@ def init_ray(cfg: JobConfig) -> bool:
 def _quiet_ray_start():
     """Starting a private local Ray prints a token-authentication WARNING every time; it is a notice about
     Ray's defaults, not a problem of the job, and a successful run must print no warnings."""
-    names = ["ray._private.authentication.authentication_token_setup"]
+    names = ["ray._private.authentication.authentication_token_setup",
+             "ray._private.worker"]  # "Started a local Ray instance." at INFO: a notice, not the job's output
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
