@@ -380,6 +380,7 @@ class RayEngine:
         self._previous = _install_sigterm()
         try:
             _check_output_location(self.cfg)
+            self._prestart()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -399,30 +400,40 @@ class RayEngine:
         """``fn(*args)`` as one task on the cluster (work the driver should not do itself)."""
         return _get(self.task(fn).remote(*args))
 
-    def _start_pool(self, items: list[WorkItem]) -> None:
+    def _prestart(self) -> None:
         """Check the cluster's resources (waiting for an autoscaler if configured) and start the inference actors
-        when any block needs the model."""
+        and the first writer now, so that their processes start (Python, torch, GDAL) while the driver plans the
+        scenes: seconds off every job's start."""
         cfg, rt = self.cfg, self.cfg.runtime
-        need_model = any(not it.resume for it in items)
-        gpus = _gpus_per_worker(cfg) if need_model else None
+        gpus = _gpus_per_worker(cfg)
         _check_resources(cfg, gpus)
-        if need_model:
-            self.model_ref = ray.put(self.model)  # the weights travel once through the object store
-            # No restarts by Ray: a restarting actor holds its queued blocks until it is back, which never
-            # happens when no node has room; the engine sends them to live actors and starts a replacement.
-            self._actor_cls = InferenceActor.options(
-                num_cpus=rt.cpus_per_worker, num_gpus=gpus, max_restarts=0, max_task_retries=0,
-                runtime_env={"env_vars": _WORKER_ENV},
-            )
-            self._actor_args = (rt.device, rt.batch_size, cfg.model.autocast, max(1, int(rt.cpus_per_worker)))
-            self.actors = [self._actor_cls.remote(*self._actor_args) for _ in range(rt.workers)]
-            log.info("%d inference workers, %.2f GPU each", len(self.actors), gpus)
+        # No restarts by Ray: a restarting actor holds its queued blocks until it is back, which never happens
+        # when no node has room; the engine sends them to live actors and starts a replacement.
+        self._actor_cls = InferenceActor.options(
+            num_cpus=rt.cpus_per_worker, num_gpus=gpus, max_restarts=0, max_task_retries=0,
+            runtime_env={"env_vars": _WORKER_ENV},
+        )
+        self._actor_args = (rt.device, rt.batch_size, cfg.model.autocast, max(1, int(rt.cpus_per_worker)))
+        self.actors = [self._actor_cls.remote(*self._actor_args) for _ in range(rt.workers)]
+        self.writer_actors.append(self._new_writer())
+        self._gpus = gpus
+
+    def _start_pool(self, items: list[WorkItem]) -> None:
+        """The model goes to the object store for the inference actors; a job whose every block is stored (a
+        resume) needs no model and lets them go."""
+        if not any(not it.resume for it in items):
+            for a in self.actors:
+                ray.kill(a)
+            self.actors = []
+            return
+        self.model_ref = ray.put(self.model)  # the weights travel once through the object store
+        log.info("%d inference workers, %.2f GPU each", len(self.actors), self._gpus)
 
     def open_writer(self, plan: ScenePlan, card) -> _RemoteWriter:
         """The scene's writer, in one of up to ``runtime.writers`` writer actors (round robin). The first scene's
         opening is awaited, so a refused setting fails before any compute; later ones are not (a failure
         surfaces with the scene's blocks)."""
-        first = not self.writer_actors
+        first = self._opened == 0
         window = self.cfg.runtime.max_in_flight_blocks or 2 * self.cfg.runtime.workers + 2
         w = _RemoteWriter(self, plan, card, max_pending=window)
         if first:
