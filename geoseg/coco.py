@@ -27,7 +27,7 @@ What is written under ``out_dir`` (local or ``s3://``):
   vertical lines through its holes into hole-free pieces that share edges; their union (what COCO tools rasterize)
   is the polygon. ``area`` is the polygon area in chip pixels, ``bbox`` its bounds ``[x, y, w, h]``. Category ids are
   the model's class ids and names. ``score`` is the polygon's mean class probability where the run's polygons carry
-  a ``score`` column; geoseg masks do not store probabilities, so otherwise there is no ``score`` key (the COCO
+  a ``score`` column (``instances.parquet``: from ``confidence.tif``); otherwise there is no ``score`` key (the COCO
   ``info`` says so). ``instance_id`` is copied when the polygons carry one; ``attributes.polygon_id`` names the
   run polygon each annotation came from (CVAT keeps ``attributes`` through its COCO round trip). A scene with
   ``instances.parquet`` (a model whose card declares instances, ``geoseg.instances``) exports its objects
