@@ -164,9 +164,9 @@ def run(
     t0 = time.monotonic()
     model = loaded_model or load_model(cfg.model.name)
     name = engine or cfg.runtime.engine
-    plans = paths = None
+    plans = None
+    paths = input_paths(cfg, model.card)  # settings and inputs checked before any engine starts
     if name == "auto":
-        paths = input_paths(cfg, model.card)
         if cfg.runtime.address or os.environ.get("RAY_ADDRESS") or len(paths) > AUTO_LOCAL_MAX_BLOCKS:
             name = "ray"  # every scene is at least one block
         else:  # a few scenes: plan them here, then decide by the blocks that need the model
