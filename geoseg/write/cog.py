@@ -45,16 +45,10 @@ class MaskWriter:
         overviews: bool = True,
         tags: dict[str, str] | None = None,
     ):
+        self._keep(shape, nodata, blocksize_px, class_names, palette, tags)
         self.scratch_path = Path(scratch_path)
-        self.shape = shape
-        self.nodata = nodata
-        self.blocksize_px = blocksize_px
         self.compress = compress
         self.overviews = overviews
-        self.class_names = class_names
-        self.palette = palette
-        self.tags = dict(tags or {})
-        self.counts = np.zeros(256, dtype=np.int64)
         rows, cols = shape
         # Scratch tiles of 256 keep each write local; fast compression, the COG copy recompresses.
         profile = dict(
@@ -70,16 +64,38 @@ class MaskWriter:
         except (OSError, rasterio.errors.RasterioError) as e:
             raise OutputError(f"{self.scratch_path}: cannot create the mask scratch file ({e})") from None
 
+    def _keep(self, shape, nodata, blocksize_px, class_names, palette, tags) -> None:
+        """What every mask writer keeps: the grid, nodata, tile size, classes, colours, tags and pixel counts."""
+        self.shape = shape
+        self.nodata = nodata
+        self.blocksize_px = blocksize_px
+        self.class_names = class_names
+        self.palette = palette
+        self.tags = dict(tags or {})
+        self.counts = np.zeros(256, dtype=np.int64)
+
+    def _dataset_tags(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(the dataset's tags: class names and ``tags``, the band's: ``CLASS_<id>`` names)."""
+        return ({CLASS_NAMES_TAG: json.dumps(self.class_names), **self.tags},
+                {f"CLASS_{i}": n for i, n in enumerate(self.class_names)})
+
+    @staticmethod
+    def _check_block(window: Window, mask: np.ndarray) -> None:
+        if mask.dtype != np.uint8 or mask.shape != (int(window.height), int(window.width)):
+            raise ValueError(f"block mask {mask.dtype}{mask.shape} does not fit window {window}")
+
+    def _count(self, mask: np.ndarray | None, counts: np.ndarray | None) -> None:
+        self.counts += np.bincount(mask.ravel(), minlength=256) if counts is None else counts
+
     def write_block(self, window: Window, mask: np.ndarray, counts: np.ndarray | None = None) -> None:
         """Write one block's class mask (uint8, rows x cols of ``window``); ``counts``: its pixels per value
         (256), when the worker counted them already."""
-        if mask.dtype != np.uint8 or mask.shape != (int(window.height), int(window.width)):
-            raise ValueError(f"block mask {mask.dtype}{mask.shape} does not fit window {window}")
+        self._check_block(window, mask)
         try:
             self._ds.write(mask, 1, window=window)
         except Exception as e:
             raise write_failure(self.scratch_path, e, "write a block of the mask") from None
-        self.counts += np.bincount(mask.ravel(), minlength=256) if counts is None else counts
+        self._count(mask, counts)
 
     def class_pixel_counts(self) -> dict[str, int]:
         """Pixels per class name over the written blocks (nodata under ``"nodata"``)."""
@@ -133,8 +149,9 @@ class MaskWriter:
         """Close the scratch file, copy it as a COG to ``dst`` atomically, remove the scratch."""
         ds = self._ds
         try:
-            ds.update_tags(**{CLASS_NAMES_TAG: json.dumps(self.class_names)}, **self.tags)
-            ds.update_tags(1, **{f"CLASS_{i}": n for i, n in enumerate(self.class_names)})
+            tags, band_tags = self._dataset_tags()
+            ds.update_tags(**tags)
+            ds.update_tags(1, **band_tags)
             ds.set_band_description(1, "class")
             ds.close()
         except Exception as e:
@@ -170,15 +187,8 @@ class TiledMaskWriter(MaskWriter):
                  levels: int = 0, tags: dict[str, str] | None = None, name: str = "mask"):
         from geoseg.write.cog_tiles import COGAssembler
 
-        self.shape = shape
-        self.nodata = nodata
-        self.blocksize_px = blocksize_px
-        self.class_names = class_names
-        self.palette = palette
-        self.tags = dict(tags or {})
-        self.counts = np.zeros(256, dtype=np.int64)
-        all_tags = {CLASS_NAMES_TAG: json.dumps(class_names), **self.tags}
-        band_tags = {f"CLASS_{i}": n for i, n in enumerate(class_names)}
+        self._keep(shape, nodata, blocksize_px, class_names, palette, tags)
+        all_tags, band_tags = self._dataset_tags()
         try:
             self.cog = COGAssembler(Path(work) / f"{name}.parts", shape, transform, crs, blocksize=blocksize_px,
                                     levels=levels, nodata=nodata, palette=palette, tags=all_tags,
@@ -192,15 +202,14 @@ class TiledMaskWriter(MaskWriter):
         return self.cog.levels
 
     def write_block(self, window: Window, mask: np.ndarray, counts: np.ndarray | None = None) -> None:
-        if mask.dtype != np.uint8 or mask.shape != (int(window.height), int(window.width)):
-            raise ValueError(f"block mask {mask.dtype}{mask.shape} does not fit window {window}")
+        self._check_block(window, mask)
         if self.cog.levels:
             raise ValueError("this mask writer takes tiles (add_tiles), not full blocks")
         try:
             self.cog.write_coarse(mask, int(window.row_off), int(window.col_off))
         except Exception as e:
             raise write_failure(self.scratch_path, e, "write a block of the mask") from None
-        self.counts += np.bincount(mask.ravel(), minlength=256) if counts is None else counts
+        self._count(mask, counts)
 
     def add_tiles(self, tiles, counts: np.ndarray) -> None:
         """A block's ``cog_tiles.BlockTiles`` (its class counts made by the same worker)."""
