@@ -99,6 +99,16 @@ def simplify_tolerance(tolerance_m: float, crs: Any) -> float:
 # ---------------------------------------------------------------------------------- map coordinates
 
 
+def scene_extent(shape: tuple[int, int], transform) -> tuple[float, float, float, float]:
+    """The scene's bounding box in its CRS (the vector writers' Hilbert frame: the same for every part)."""
+    rows, cols = shape
+    t = transform
+    cx = np.array([0, cols, 0, cols], dtype=np.float64)
+    cy = np.array([0, 0, rows, rows], dtype=np.float64)
+    xs, ys = t.a * cx + t.b * cy + t.c, t.d * cx + t.e * cy + t.f
+    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+
+
 def to_map_coords(polys: PolygonSet, transform: Affine) -> np.ndarray:
     """Shapely polygons in the raster's CRS (``transform`` maps pixel corners to map coordinates)."""
     return polys.to_shapely(transform)

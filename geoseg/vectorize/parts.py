@@ -27,13 +27,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from geoseg._ragged import take as take_ragged
 from geoseg.io import store
-from geoseg.vectorize.attributes import polygon_table, resolve_classes
+from geoseg.vectorize.attributes import polygon_table, resolve_classes, scene_extent
 from geoseg.vectorize.polygonize import CORNERS, BlockPolygons, E, N, PolygonSet, S, W, polygon_keys
 from geoseg.vectorize.seams import corner_polygon
 
@@ -71,16 +71,6 @@ def part_kinds(formats: Sequence[str]) -> list[str]:
     """What each block writes: always a GeoParquet part (the GPKG is filled from them too), GeoJSONSeq text when
     either GeoJSON format is requested."""
     return ["parquet"] + (["geojsonl"] if {"geojson", "geojsonseq"} & set(formats) else [])
-
-
-def scene_extent(shape: tuple[int, int], transform) -> tuple[float, float, float, float]:
-    """The scene's bounding box in its CRS (the Hilbert order's frame, the same for every part)."""
-    rows, cols = shape
-    t = transform
-    cx = np.array([0, cols, 0, cols], dtype=np.float64)
-    cy = np.array([0, 0, rows, rows], dtype=np.float64)
-    xs, ys = t.a * cx + t.b * cy + t.c, t.d * cx + t.e * cy + t.f
-    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
 
 
 def write_block_parts(polys: PolygonSet, parts_dir: str, name: str, *, vector_cfg, shape, transform, crs,
@@ -144,7 +134,7 @@ def assemble(local: dict[str, Path], parts_dir: str, work: Path, formats: Sequen
     if "parquet" in formats:
         out["parquet"] = dataset
     if {"geojson", "geojsonseq"} & set(formats):
-        chunks = [p for p in _listed(parts_dir, "geojsonl", storage)]
+        chunks = _listed(parts_dir, "geojsonl", storage)
         if "geojson" in formats:
             out["geojson"] = _concat_text(work / "polygons.geojson", chunks, local.get("geojsonl"), storage,
                                           collection=True)
@@ -239,11 +229,3 @@ def _gpkg_from_parts(dataset: Path, dest: Path, crs, class_names: Sequence[str],
                     for k in batch.schema.names if k not in ("geometry", "bbox")}
             w.write(FeatureBatch(shapely.from_wkb(batch.column("geometry").to_numpy(zero_copy_only=False)), cols))
     return dest
-
-
-def scene_parts_summary(dataset: Path) -> dict[str, Any]:
-    """Rows and parts of a partitioned output (for the run record)."""
-    import pyarrow.parquet as pq
-
-    md = pq.read_metadata(dataset / "_metadata")
-    return {"rows": md.num_rows, "parts": len(list(dataset.glob("part-*.parquet")))}

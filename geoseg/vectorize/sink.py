@@ -19,7 +19,7 @@ from rasterio.windows import Window
 
 from geoseg.conventions import CLASS_NAMES_TAG
 from geoseg.errors import InputError, OutputError
-from geoseg.vectorize.attributes import polygon_table, resolve_classes, simplify_tolerance
+from geoseg.vectorize.attributes import polygon_table, resolve_classes, scene_extent, simplify_tolerance
 from geoseg.vectorize.polygonize import BlockPolygons, PolygonSet
 from geoseg.vectorize.seams import SeamMerger
 from geoseg.vectorize.simplify import simplify_polygons
@@ -151,12 +151,7 @@ class PolygonSink:
         self.bands = _Bands(self.shape[0], band_px)
         self.write_chunk = max(1, int(write_chunk))
         self.count = 0
-        rows, cols = self.shape
-        t = transform
-        cx = np.array([0, cols, 0, cols], dtype=np.float64)
-        cy = np.array([0, 0, rows, rows], dtype=np.float64)
-        xs, ys = t.a * cx + t.b * cy + t.c, t.d * cx + t.e * cy + t.f
-        extent = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+        extent = scene_extent(self.shape, transform)
         pal = palette or default_palette(len(self.class_names) or 16)
         self.writers = {}
         try:
