@@ -154,17 +154,14 @@ def finish_block(plan: ScenePlan, block: Block, result: BlockResult | None, cfg:
         stored = load_block_record(plan, block, confidence=plan.confidence)
         if stored is None:
             return failed_result(plan, block, "stored result missing or corrupt")
-        mask, conf = stored if plan.confidence else (stored, None)
-        result = BlockResult(plan.index, block.id, block.row, block.col, mask, from_resume=True, confidence=conf)
+        mask, conf, sha = stored  # the record's checksum, verified against the mask as it was read
+        result = BlockResult(plan.index, block.id, block.row, block.col, mask, from_resume=True, confidence=conf,
+                             sha256=sha)
     if result.error is not None:
         return result
     try:
         result.class_counts = np.bincount(result.mask.ravel(), minlength=256)
-        if result.from_resume:
-            from geoseg.stitch import block_sha256
-
-            result.sha256 = block_sha256(result.mask)
-        else:  # the block's record, for resume (per-pixel work, so here and not in the scene's writer)
+        if not result.from_resume:  # the block's record, for resume (per-pixel work, so here, not in the writer)
             from geoseg.stitch import save_block_record
 
             result.sha256 = save_block_record(plan, block.id, result.mask, result.confidence)

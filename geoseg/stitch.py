@@ -66,8 +66,8 @@ def load_run_record(plan: ScenePlan) -> dict[str, Any] | None:
 
 
 def load_block_record(plan: ScenePlan, block: Block, confidence: bool = False):
-    """A block mask stored by an earlier run, or None when missing or its checksum fails (then recompute). With
-    ``confidence``: ``(mask, confidence)``, None also when the record holds no valid confidence."""
+    """``(mask, confidence or None, the mask's sha256)`` stored by an earlier run, or None when missing or its
+    checksum fails (then recompute). With ``confidence``, None also when the record holds no valid confidence."""
     path = store.join(partial_dir(plan), "blocks", f"{block.id}.npz")
     shape = (int(block.window.height), int(block.window.width))
     try:
@@ -78,11 +78,9 @@ def load_block_record(plan: ScenePlan, block: Block, confidence: bool = False):
         return None
     if block_sha256(mask) != sha or mask.shape != shape:
         return None
-    if not confidence:
-        return mask
-    if block_sha256(conf) != conf_sha or conf.shape != shape or conf.dtype != np.uint8:
+    if confidence and (block_sha256(conf) != conf_sha or conf.shape != shape or conf.dtype != np.uint8):
         return None
-    return mask, conf
+    return mask, conf, sha
 
 
 def block_sha256(a: np.ndarray) -> str:
@@ -218,13 +216,11 @@ class SceneWriter:
             release_free_memory()
 
     def _add(self, block: Block, result) -> None:
-        # The worker that finished the block hashed it, counted its classes and stored its record already.
-        sha = result.sha256 or block_sha256(result.mask)
+        # The finish stage (blocks.finish_block) hashed the block, counted its classes and stored its record.
+        sha = result.sha256
         if result.from_resume:
             self.stats["blocks_resumed"] += 1
         else:
-            if result.sha256 is None:
-                save_block_record(self.plan, block.id, result.mask, result.confidence)
             self.stats["blocks_computed"] += 1
             if self.plan.aoi_blocks is None or block.id in self.plan.aoi_blocks:
                 self.stats["blocks_read"] += 1
