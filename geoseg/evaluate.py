@@ -371,20 +371,18 @@ def format_markdown(report: dict) -> str:
         lines.append(f"| {n} | {f(v['iou'])} | {f(v['precision'])} | {f(v['recall'])} | {f(v['f1'])} | {v['support']} |")
     lines += ["", f"mIoU {f(report['miou'])}, mean F1 {f(report['mean_f1'])}, overall accuracy "
               f"{f(report['overall_accuracy'])} over {report['pixels']} pixels in {len(report['files'])} files"]
+    def object_table(scores: dict, kind: str) -> list[str]:
+        rows = ["", f"| object class | {kind} precision | {kind} recall | {kind} F1 | matched / predicted / truth |",
+                "|---|---|---|---|---|"]
+        return rows + [f"| {n} | {f(v['precision'])} | {f(v['recall'])} | {f(v['f1'])} | "
+                       f"{v['matched']} / {v['predicted']} / {v['truth']} |" for n, v in scores.items()]
+
     if report.get("instances"):
-        lines += ["", "| object class | instance precision | instance recall | instance F1 | matched / predicted / truth |",
-                  "|---|---|---|---|---|"]
-        for n, v in report["instances"].items():
-            lines.append(f"| {n} | {f(v['precision'])} | {f(v['recall'])} | {f(v['f1'])} | "
-                         f"{v['matched']} / {v['predicted']} / {v['truth']} |")
+        lines += object_table(report["instances"], "instance")
         mo = next(iter(report["instances"].values())).get("min_object_px", 1)
         lines += ["", f"objects: connected components (8-connected) of at least {mo} px, matched at IoU >= 0.5"]
     if report.get("instances_split"):
-        lines += ["", "| object class | split precision | split recall | split F1 | matched / predicted / truth |",
-                  "|---|---|---|---|---|"]
-        for n, v in report["instances_split"].items():
-            lines.append(f"| {n} | {f(v['precision'])} | {f(v['recall'])} | {f(v['f1'])} | "
-                         f"{v['matched']} / {v['predicted']} / {v['truth']} |")
+        lines += object_table(report["instances_split"], "split")
         lines += ["", "split: predicted objects of geoseg.instances (interiors grown back to the footprint), as in "
                   "instances.parquet; truth objects as above"]
     names = report["class_names"]
