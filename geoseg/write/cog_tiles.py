@@ -292,7 +292,7 @@ class COGAssembler:
                    if (lv, r, c) not in self.index]
         if missing:
             raise OSError(f"{len(missing)} tiles of the mask were never written, e.g. {missing[:3]}")
-        data_bytes = sum(size + 8 for size in (s for _, s in self.index.values()))
+        data_bytes = sum(size + 8 for _, size in self.index.values())  # each tile with its leader and trailer
         big = data_bytes + 1_000_000 + 64 * len(self.index) > 2**32 - 1
         ifds = []
         for level, (rows, cols, _, _) in enumerate(grids):
