@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["ranges", "offsets", "take", "concat"]
+__all__ = ["ranges", "offsets", "take", "concat", "repeated"]
 
 Ragged = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -51,3 +51,19 @@ def concat(parts: Sequence[Ragged]) -> Ragged:
     ring_off = np.concatenate([[0]] + [r[1:] + k for (_, r, _), k in zip(parts, n_coords)])
     poly_off = np.concatenate([[0]] + [p[1:] + k for (_, _, p), k in zip(parts, n_rings)])
     return coords, ring_off.astype(np.int64), poly_off.astype(np.int64)
+
+
+def repeated(keys: np.ndarray) -> np.ndarray:
+    """Boolean mask of the ``keys`` that occur more than once. One plain sort and a binary search of the (few)
+    repeated values: several times cheaper than ``np.unique(return_inverse=True, return_counts=True)``, whose
+    stable argsort dominated the seam merge on large polygons."""
+    keys = np.asarray(keys)
+    if len(keys) < 2:
+        return np.zeros(len(keys), dtype=bool)
+    s = np.sort(keys)
+    dup = s[1:][s[1:] == s[:-1]]
+    if not len(dup):
+        return np.zeros(len(keys), dtype=bool)
+    dup = dup[np.concatenate([[True], dup[1:] != dup[:-1]])]
+    pos = np.minimum(np.searchsorted(dup, keys), len(dup) - 1)
+    return dup[pos] == keys

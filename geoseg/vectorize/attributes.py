@@ -239,34 +239,12 @@ def _cell_area_geographic(polys: PolygonSet, transform: Affine, pcrs) -> np.ndar
 
 
 def _geodesic_perimeters(polys: PolygonSet, transform: Affine, geod) -> np.ndarray:
-    """Sum of the geodesic lengths of each polygon's edges, on a north-up grid where every edge runs along a
-    meridian or a parallel. Along a meridian the geodesic is the meridian arc: differences of the arc length from
-    the equator, one inverse per distinct row. Along a parallel the length depends only on the latitude and the
-    longitude difference: one inverse per distinct (row, columns) pair. Far fewer inverses than edges (a
-    per-edge inverse was most of the writer's time on geographic scenes)."""
+    """Sum of the geodesic lengths of each polygon's edges (exterior and holes) on a north-up geographic grid
+    (``geoseg.vectorize.geodesic``: per-row tables, no inverse per edge)."""
+    from geoseg.vectorize.geodesic import geodesic_perimeters
+
     seg, seg_poly = _segments(polys)
-    if not len(seg):
-        return np.zeros(len(polys))
     c = polys.coords
     x0, y0 = c[seg, 0].astype(np.int64), c[seg, 1].astype(np.int64)
     x1, y1 = c[seg + 1, 0].astype(np.int64), c[seg + 1, 1].astype(np.int64)
-    lengths = np.zeros(len(seg))
-    vert = x0 == x1
-    if vert.any():
-        rows, inv = np.unique(np.concatenate([y0[vert], y1[vert]]), return_inverse=True)
-        lat = transform.f + transform.e * rows.astype(np.float64)
-        zero = np.zeros_like(lat)
-        _, _, arc = geod.inv(zero, zero, zero, lat)
-        arc = np.copysign(np.asarray(arc, dtype=np.float64), lat)
-        n = int(vert.sum())
-        lengths[vert] = np.abs(arc[inv[n:]] - arc[inv[:n]])
-    horiz = ~vert
-    if horiz.any():
-        dx = np.abs(x1[horiz] - x0[horiz])
-        key = y0[horiz] * (int(dx.max()) + 1) + dx
-        keys, inv = np.unique(key, return_inverse=True)
-        row, cols = np.divmod(keys, int(dx.max()) + 1)
-        lat = transform.f + transform.e * row.astype(np.float64)
-        _, _, d = geod.inv(np.zeros_like(lat), lat, abs(transform.a) * cols.astype(np.float64), lat)
-        lengths[horiz] = np.asarray(d, dtype=np.float64)[inv]
-    return np.bincount(seg_poly, weights=lengths, minlength=len(polys))
+    return geodesic_perimeters(x0, y0, x1, y1, seg_poly, len(polys), transform, geod)

@@ -28,6 +28,7 @@ from rasterio.windows import Window
 from geoseg._ragged import offsets as _offsets
 from geoseg._ragged import ranges as _ranges
 from geoseg._ragged import take as take_ragged
+from geoseg._ragged import repeated
 from geoseg.errors import InputError
 from geoseg.vectorize.polygonize import BlockPolygons, COORD_BITS, CORNERS, E, OPPOSITE, PolygonSet, SIDE_STEP, W, polygon_keys, window_tuple
 
@@ -429,8 +430,7 @@ def _cut_rings(ring_coords: np.ndarray, ring_lens: np.ndarray, ring_group: np.nd
     onh = np.isin(V[:, 1], hseams)
     # Vertices several rings of a group pass through are pinches whose pairing the blocks may have decided
     # differently (with 4-connectivity, diagonal pixels that only the merge connects): cut and re-pair them.
-    _, inv, cnt = np.unique(gkey, return_inverse=True, return_counts=True)
-    cut = onv | onh | (cnt[inv.ravel()] > 1)
+    cut = onv | onh | repeated(gkey)
     ncut = np.bincount(ring_of[cut], minlength=n_in)
     whole = np.flatnonzero(ncut == 0)
 
@@ -546,8 +546,7 @@ def _surviving_seam_runs(
     lo = np.minimum(a, b)
     vertical = (st[:, 0] == 0).astype(np.int64)
     undirected = (((group[seg_id] << (2 * COORD_BITS)) | (lo[:, 1] << COORD_BITS) | lo[:, 0]) << 1) | vertical
-    _, inv, counts = np.unique(undirected, return_inverse=True, return_counts=True)
-    alive = counts[inv.ravel()] == 1
+    alive = ~repeated(undirected)
     first = t == 0
     last = t == length[seg_id] - 1
     prev_alive = np.concatenate([[False], alive[:-1]])
