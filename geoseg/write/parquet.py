@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geoseg.conventions import to_pyproj
-from geoseg.write.features import FeatureBatch, VectorWriter, arrow_column, hilbert_index
+from geoseg.write.features import FeatureBatch, VectorWriter, arrow_column, concat_col, hilbert_index, take_col
 
 __all__ = ["GeoParquetWriter"]
 
@@ -54,7 +54,9 @@ class GeoParquetWriter(VectorWriter):
             min(self._bbox[0], float(bounds[:, 0].min())), min(self._bbox[1], float(bounds[:, 1].min())),
             max(self._bbox[2], float(bounds[:, 2].max())), max(self._bbox[3], float(bounds[:, 3].max())),
         ]
-        self._buf.append(batch)
+        # Encoded now: buffered rows are WKB, bounds and columns, so a row group is reordered by copying bytes
+        # (the ragged coordinates of large polygons cost more to concatenate and reorder than their WKB).
+        self._buf.append(_Encoded(batch.wkb, bounds, batch.columns))
         self._buf_rows += len(batch)
         while self._buf_rows >= self.row_group_rows:
             self._flush(self.row_group_rows)
@@ -63,7 +65,7 @@ class GeoParquetWriter(VectorWriter):
         """Write up to ``limit`` buffered rows as one row group, Hilbert-sorted by bounding-box centre."""
         if not self._buf:
             return
-        batch = FeatureBatch.concat(self._buf)
+        batch = _Encoded.concat(self._buf)
         self._buf = []
         if limit is not None and len(batch) > limit:
             self._buf = [batch.take(np.arange(limit, len(batch)))]
@@ -130,3 +132,27 @@ class GeoParquetWriter(VectorWriter):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+class _Encoded:
+    """Buffered rows of a row group: WKB, bounds (n, 4) and attribute columns."""
+
+    def __init__(self, wkb: pa.Array, bounds: np.ndarray, columns: dict[str, Any]):
+        self.wkb, self.bounds, self.columns = wkb, bounds, columns
+
+    def __len__(self) -> int:
+        return len(self.wkb)
+
+    def take(self, idx: np.ndarray) -> "_Encoded":
+        return _Encoded(self.wkb.take(pa.array(idx, type=pa.int64())), self.bounds[idx],
+                        {k: take_col(v, idx) for k, v in self.columns.items()})
+
+    @classmethod
+    def concat(cls, parts: list["_Encoded"]) -> "_Encoded":
+        if len(parts) == 1:
+            return parts[0]
+        wkb = [p.wkb for p in parts]
+        if len({a.type for a in wkb}) > 1:  # a large_binary part among binary ones
+            wkb = [a.cast(pa.large_binary()) for a in wkb]
+        return cls(pa.concat_arrays(wkb), np.concatenate([p.bounds for p in parts]),
+                   {k: concat_col([p.columns[k] for p in parts]) for k in parts[0].columns})
