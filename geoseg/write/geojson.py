@@ -57,8 +57,22 @@ class GeoJSONWriter(VectorWriter):
         out = shapely.transform(geoms, fn)
         return shapely.orient_polygons(out, exterior_cw=False)
 
+    def _lonlat_ragged(self, coords: np.ndarray) -> np.ndarray:
+        """Ragged polygon coordinates to rounded lon/lat (``_lonlat`` on the arrays: no geometry objects; the
+        rings are oriented by ``_ragged_geometries``)."""
+        xy = coords
+        if self._transformer is not None:
+            x, y = self._transformer.transform(coords[:, 0], coords[:, 1])
+            xy = np.column_stack([x, y])
+        return np.round(xy, self.decimals)
+
     def _write(self, batch: FeatureBatch) -> None:
-        geo = _geojson_geometries(self._lonlat(batch.geometry))
+        ragged = batch._ragged
+        if ragged is not None:
+            coords, ring_off, poly_off = ragged
+            geo = _ragged_geometries(self._lonlat_ragged(coords), ring_off, poly_off)
+        else:
+            geo = _geojson_geometries(self._lonlat(batch.geometry))
         names = list(batch.columns)
         lists = [col_list(batch.columns[k]) for k in names]
         ids = col_list(batch.columns[self.id_column]) if self.id_column in batch.columns else None
@@ -104,3 +118,30 @@ def _geojson_geometries(geoms: np.ndarray) -> list[str]:
         gi = shapely.geometry.mapping(geoms[i])
         out[i] = orjson.dumps({"type": gi["type"], "coordinates": gi["coordinates"]}).decode()
     return out
+
+
+def _ragged_geometries(xy: np.ndarray, ring_off: np.ndarray, poly_off: np.ndarray) -> list[str]:
+    """GeoJSON Polygon members of ragged polygons (closed rings, rounded lon/lat ``xy``): exteriors turned
+    counter-clockwise and holes clockwise, as ``shapely.orient_polygons(exterior_cw=False)`` does; numpy slices
+    serialized by orjson directly (its float format is the same as for Python floats)."""
+    n_rings = len(ring_off) - 1
+    if n_rings == 0:
+        return []
+    nxt = np.minimum(np.arange(len(xy)) + 1, len(xy) - 1)
+    cross = xy[:, 0] * xy[nxt, 1] - xy[nxt, 0] * xy[:, 1]
+    cross[ring_off[1:] - 1] = 0  # a ring's closing vertex starts no segment
+    area2 = np.add.reduceat(cross, ring_off[:-1])  # > 0: counter-clockwise
+    exterior = np.zeros(n_rings, dtype=bool)
+    exterior[poly_off[:-1]] = True
+    flip = np.flatnonzero(np.where(exterior, area2 < 0, area2 > 0))
+    if len(flip):
+        xy = xy.copy()
+        for r in flip.tolist():
+            a, b = ring_off[r], ring_off[r + 1]
+            xy[a:b] = xy[a:b][::-1]
+    xy = np.ascontiguousarray(xy)
+    ro, go = ring_off.tolist(), poly_off.tolist()
+    opt = orjson.OPT_SERIALIZE_NUMPY
+    return ['{"type":"Polygon","coordinates":'
+            + orjson.dumps([xy[ro[r] : ro[r + 1]] for r in range(go[j], go[j + 1])], option=opt).decode() + "}"
+            for j in range(len(go) - 1)]
