@@ -32,6 +32,9 @@ __all__ = [
     "row_pixel_areas_m2",
     "cell_pixel_areas_m2",
     "mask_class_areas",
+    "ClassAreaCounter",
+    "block_area_counts",
+    "area_units",
     "geometry_areas_m2",
     "area_table",
     "sum_tables",
@@ -193,6 +196,10 @@ def mask_class_areas(
             per = np.bincount(idx.ravel(), minlength=ncc * 256).reshape(ncc, 256)
             counts += per.sum(axis=0)
             area += cell_area[r0 // cell_px] @ per
+    return _counts_table(area, counts, class_names, nodata, method, pcrs)
+
+
+def _counts_table(area: np.ndarray, counts: np.ndarray, class_names, nodata: int, method: str, pcrs) -> dict:
     return area_table(
         {class_label(class_names, c): float(area[c]) for c in range(256) if counts[c] and c != nodata},
         pixels={class_label(class_names, c): int(counts[c]) for c in range(256) if counts[c] and c != nodata},
@@ -202,6 +209,105 @@ def mask_class_areas(
         method=method,
         crs=pcrs.to_string(),
     )
+
+
+# ------------------------------------------------------------------ the same table from per-block counts
+
+
+def area_units(transform, crs: Any, *, strip_rows: int = 256, cell_px: int = 64) -> tuple[bool, int]:
+    """(by row, strip rows) as ``mask_class_areas`` uses them for a grid: pixel areas per row in strips of
+    ``strip_rows`` on a north-up geographic grid, else per ``cell_px`` cell, one strip per row of cells."""
+    by_row = _is_geographic_north_up(transform, _pcrs(crs))
+    return by_row, (strip_rows if by_row else cell_px)
+
+
+def block_area_counts(mask: np.ndarray, row_off: int, col_off: int, by_row: bool, strip: int) -> list[tuple]:
+    """A block's pixel counts in the units ``mask_class_areas`` weighs, for ``ClassAreaCounter.add``: one
+    ``(strip, first unit, classes, counts (units, classes) int32)`` per strip the block overlaps. Units are the
+    strip's rows (``by_row``), else its ``strip``-pixel cell columns. Only the classes present travel."""
+    h, w = mask.shape
+    rows = np.arange(row_off, row_off + h)
+    strips = rows // strip
+    s0 = int(strips[0]) if h else 0
+    if by_row:
+        idx = (np.arange(h, dtype=np.int64)[:, None] * 256 + mask).ravel()
+        per = np.bincount(idx, minlength=h * 256).reshape(h, 256)
+    else:
+        c0 = col_off // strip
+        ncc = (col_off + w - 1) // strip - c0 + 1
+        cell_col = (np.arange(col_off, col_off + w) // strip - c0).astype(np.int64)
+        key = (strips - s0).astype(np.int64)[:, None] * ncc + cell_col[None, :]
+        per = np.bincount((key * 256 + mask).ravel(), minlength=(int(strips[-1]) - s0 + 1) * ncc * 256)
+        per = per.reshape(-1, ncc, 256)
+    out = []
+    for s in np.unique(strips).tolist():
+        if by_row:
+            sel = strips == s
+            part, first = per[sel], int(rows[sel][0]) - s * strip
+        else:
+            part, first = per[s - s0], int(col_off // strip)
+        cls = np.flatnonzero(part.sum(axis=0))
+        out.append((s, first, cls.astype(np.uint8), part[:, cls].astype(np.int32)))
+    return out
+
+
+class ClassAreaCounter:
+    """``mask_class_areas`` of a mask that arrives as blocks, in any order, from ``block_area_counts`` of each:
+    a strip's area is computed when its last pixel is counted, with the same arrays and operations as the strip
+    read back from the finished mask, and the strips are summed in order at the end, so the table is
+    bit-identical to ``mask_class_areas`` of the written mask (without reading it back). Memory: the strips that
+    are not complete yet."""
+
+    def __init__(self, transform, crs: Any, shape: tuple[int, int], *, strip_rows: int = 256, cell_px: int = 64):
+        self.transform, self.pcrs = transform, _pcrs(crs)
+        self.rows, self.cols = int(shape[0]), int(shape[1])
+        self.by_row, self.strip = area_units(transform, self.pcrs, strip_rows=strip_rows, cell_px=cell_px)
+        self.cell_area = None if self.by_row else cell_pixel_areas_m2(transform, self.pcrs, shape, cell_px)
+        self.method = METHOD_ROWS if self.by_row else METHOD_CELLS.format(n=cell_px)
+        self._open: dict[int, list] = {}  # strip -> [counts (units, 256) int64, pixels counted]
+        self._done: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # strip -> (area (256), counts (256))
+
+    def _height(self, s: int) -> int:
+        return min(self.strip, self.rows - s * self.strip)
+
+    def add(self, parts: list[tuple]) -> None:
+        for s, first, cls, counts in parts:
+            if s in self._done:
+                raise ValueError(f"strip {s} of the class-area counts was counted twice")
+            entry = self._open.get(s)
+            if entry is None:
+                units = self._height(s) if self.by_row else self.cell_area.shape[1]
+                entry = self._open[s] = [np.zeros((units, 256), np.int64), 0]
+            entry[0][first : first + len(counts), cls.astype(np.int64)] += counts
+            entry[1] += int(counts.sum())
+            if entry[1] == self._height(s) * self.cols:
+                self._fold(s, entry[0])
+                del self._open[s]
+
+    def _fold(self, s: int, per: np.ndarray) -> None:
+        r0 = s * self.strip
+        if self.by_row:  # the expressions of mask_class_areas, on the same arrays
+            area = row_pixel_areas_m2(self.transform, self.pcrs, r0, r0 + self._height(s)) @ per
+        else:
+            area = self.cell_area[r0 // self.strip] @ per
+        self._done[s] = (area, per.sum(axis=0))
+
+    @property
+    def complete(self) -> bool:
+        return not self._open and len(self._done) == -(-self.rows // self.strip)
+
+    def table(self, class_names: Sequence[str], nodata: int = NODATA) -> dict[str, Any]:
+        """The ``area_table`` (as ``mask_class_areas`` returns it) once every pixel was counted."""
+        if not self.complete:
+            raise ValueError(f"class-area counts are incomplete ({len(self._done)} strips done, "
+                             f"{len(self._open)} open)")
+        area = np.zeros(256, dtype=np.float64)
+        counts = np.zeros(256, dtype=np.int64)
+        for s in sorted(self._done):
+            a, c = self._done[s]
+            counts += c
+            area += a
+        return _counts_table(area, counts, class_names, nodata, self.method, self.pcrs)
 
 
 def geometry_areas_m2(geoms: np.ndarray, crs: Any, *, densify: float | None = None) -> np.ndarray:

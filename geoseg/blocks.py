@@ -58,6 +58,7 @@ class BlockResult:
     ended: float = 0.0
     sha256: str | None = None  # set by the finish stage, which also stored the block's record
     class_counts: np.ndarray | None = None  # pixels per mask value (256), by the finish stage
+    area_counts: list | None = None  # the same per area unit (geoseg.areas.block_area_counts), by the finish stage
     polygons_written: int = 0  # final polygons the finish stage wrote itself (vector parts)
     cog: Any = None  # the block's compressed COG tiles (geoseg.write.cog_tiles.BlockTiles); then mask is None
     confidence: np.ndarray | None = None  # with plan.confidence: the model's per-pixel confidence (geoseg.infer)
@@ -143,6 +144,9 @@ def postprocess_block(plan: ScenePlan, block: Block, result: BlockResult, vector
                 final, parts_dir(plan), block.id, vector_cfg=vector_cfg, shape=plan.info.shape,
                 transform=plan.info.transform, crs=plan.info.crs, class_names=plan.class_names, scene=plan.stem,
                 model=plan.model[0], model_version=plan.model[1], storage=plan.storage)
+        from geoseg.vectorize.polygonize import shared_vertices
+
+        result.polygons.shared = shared_vertices(result.polygons)  # where the writer's seam merge cuts rings
     return result
 
 
@@ -160,7 +164,16 @@ def finish_block(plan: ScenePlan, block: Block, result: BlockResult | None, cfg:
     if result.error is not None:
         return result
     try:
-        result.class_counts = np.bincount(result.mask.ravel(), minlength=256)
+        from geoseg.areas import area_units, block_area_counts
+
+        # pixel counts per class in the units the scene's area table weighs (the writer adds them up instead of
+        # reading the finished mask back), and per class for the run record
+        by_row, strip = area_units(plan.info.transform, plan.info.crs)
+        result.area_counts = block_area_counts(result.mask, int(block.window.row_off), int(block.window.col_off),
+                                               by_row, strip)
+        result.class_counts = np.zeros(256, dtype=np.int64)
+        for _, _, cls, counts in result.area_counts:
+            result.class_counts[cls.astype(np.int64)] += counts.sum(axis=0)
         if not result.from_resume:  # the block's record, for resume (per-pixel work, so here, not in the writer)
             from geoseg.stitch import save_block_record
 

@@ -175,6 +175,7 @@ class SceneWriter:
             self.work = Path(self.partial) / "work"
             self.work.mkdir(parents=True, exist_ok=True)
         self.mask_writer = self._mask_writer("mask", plan.cog_levels)
+        self.areas = self._area_counter()
         self.confidence_writer = self._confidence_writer() if plan.confidence else None
         self.vectors = None
         if cfg.vector.enabled:
@@ -235,6 +236,11 @@ class SceneWriter:
         if result.node is not None:
             by_node = self.stats.setdefault("blocks_by_node", {})
             by_node[result.node] = by_node.get(result.node, 0) + 1
+        if self.areas is not None:
+            if result.area_counts is None:  # a result from elsewhere: the table is read from the mask instead
+                self.areas = None
+            else:
+                self.areas.add(result.area_counts)
         if result.cog is not None:  # tiles the worker compressed
             self.mask_writer.add_tiles(result.cog, result.class_counts)
         else:
@@ -246,6 +252,19 @@ class SceneWriter:
         if self.vectors is not None and self.plan.sieve_px <= 1:
             self.vectors.add(result.polygons)
             self.stats["polygons_by_workers"] = self.stats.get("polygons_by_workers", 0) + result.polygons_written
+
+    def _area_counter(self):
+        """The class-area table from the blocks' counts (``geoseg.areas.ClassAreaCounter``), or None: with a sieve
+        the written mask is not the blocks' masks, so its table is read from it."""
+        if self.plan.sieve_px > 1:
+            return None
+        from geoseg.areas import ClassAreaCounter
+
+        info = self.plan.info
+        try:
+            return ClassAreaCounter(info.transform, info.crs, info.shape)
+        except ValueError:  # no CRS: mask_class_areas says so in its own words
+            return None
 
     def _mask_writer(self, name: str, levels: int):
         """The mask's writer: tiles compressed by the workers (``levels`` > 0) or by this writer, assembled into the
@@ -388,7 +407,9 @@ class SceneWriter:
             "stats": dict(self.stats, blocks_failed=len(self.failed)),
             "failed_blocks": dict(sorted(self.failed.items())),
             "class_pixel_counts": self.mask_writer.class_pixel_counts(),
-            "class_areas": mask_class_areas(local["mask"], self.card.class_names, nodata=NODATA),
+            "class_areas": (self.areas.table(self.card.class_names, NODATA)
+                            if self.areas is not None and self.areas.complete
+                            else mask_class_areas(local["mask"], self.card.class_names, nodata=NODATA)),
             "timings_s": dict(timings or {}, wall=round(time.time() - self.t0, 3)),
             "inference_workers": inference_workers(self.workers),
             "outputs": dict(files),

@@ -119,3 +119,35 @@ def test_area_table_and_sum():
     s = areas.sum_tables([a, b])
     assert s["valid_m2"] == 100.0
     assert s["classes"]["built"] == {"id": 6, "pixels": 7, "area_m2": 70.0, "area_ha": 0.007, "percent": 70.0}
+
+
+@pytest.mark.parametrize("grid", ["s2_degrees", "strata_state_plane"])
+@pytest.mark.parametrize("block", [(100, 130), (512, 512), (37, 1000)])
+def test_counter_from_blocks_is_mask_class_areas_bit_for_bit(grid, block, s2_chip, shared_data, tmp_path):
+    """``ClassAreaCounter`` fed with ``block_area_counts`` of blocks (sizes unrelated to its strips, in shuffled
+    order) gives exactly the table ``mask_class_areas`` reads from the written mask: what run.json gets from
+    the workers' counts instead of reading the mask COG back. Real grids: the Sentinel-2 chip (EPSG:4326, per-row
+    areas) and landcover_nc's strata (a state plane, per-cell areas); a land-cover-like mask of real classes."""
+    src = s2_chip if grid == "s2_degrees" else shared_data / "landcover_nc" / "strata.tif"
+    with rasterio.open(src) as ds:
+        prof, data = ds.profile, ds.read(1)
+    rng = np.random.default_rng(1)
+    mask = (np.abs(data.astype(np.int64)) % 7).astype(np.uint8)
+    mask[rng.random(mask.shape) < 0.02] = 255  # some nodata
+    prof.update(driver="GTiff", dtype="uint8", nodata=255, count=1)
+    path = tmp_path / "mask.tif"
+    with rasterio.open(path, "w", **prof) as dst:
+        dst.write(mask, 1)
+    names = [f"c{i}" for i in range(7)]
+    want = areas.mask_class_areas(path, names)
+    rows, cols = mask.shape
+    by_row, strip = areas.area_units(prof["transform"], prof["crs"])
+    assert by_row == (grid == "s2_degrees")
+    counter = areas.ClassAreaCounter(prof["transform"], prof["crs"], mask.shape)
+    windows = [(r, c) for r in range(0, rows, block[0]) for c in range(0, cols, block[1])]
+    rng.shuffle(windows)
+    for i, (r, c) in enumerate(windows):
+        assert not counter.complete or i == len(windows)
+        counter.add(areas.block_area_counts(mask[r : r + block[0], c : c + block[1]], r, c, by_row, strip))
+    assert counter.complete
+    assert counter.table(names) == want

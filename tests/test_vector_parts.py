@@ -23,10 +23,15 @@ from geoseg.vectorize.parts import split_final
 BASE = ["runtime.progress=none", "output.report=false", "vector.formats=[parquet,geojson,geojsonseq,gpkg]"]
 
 
+@pytest.mark.parametrize("flags", [False, True], ids=["writer-sorts", "worker-flags"])
 @pytest.mark.parametrize("connectivity", [4, 8])
-def test_split_final_plus_merge_equals_whole_mask(connectivity):
+def test_split_final_plus_merge_equals_whole_mask(connectivity, flags):
     """Blocks split by their worker (final polygons out, the rest to the merger) give exactly the polygons of one
-    whole-mask polygonize: same ids, classes, rings and vertices."""
+    whole-mask polygonize: same ids, classes, rings and vertices; with the pinch vertices flagged by the worker
+    (``shared_vertices``, as the pipeline's finish stage does) or found by the merger itself. Random masks:
+    many diagonal contacts."""
+    from geoseg.vectorize.polygonize import shared_vertices
+
     rng = np.random.default_rng(connectivity)
     for _ in range(12):
         rows, cols = (int(v) for v in rng.integers(20, 90, 2))
@@ -42,6 +47,8 @@ def test_split_final_plus_merge_equals_whole_mask(connectivity):
             b = polygonize_block(mask[w.row_off:w.row_off + w.height, w.col_off:w.col_off + w.width], w,
                                  connectivity=connectivity)
             final, rest = split_final(b, (rows, cols))
+            if flags:
+                rest.shared = shared_vertices(rest)
             assert len(final) + len(rest) == len(b)
             n_final += len(final)
             outs += [final, merger.add(rest)]

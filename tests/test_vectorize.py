@@ -114,7 +114,10 @@ def reference_shapes(mask: np.ndarray, connectivity: int) -> dict[int, tuple[int
 
 
 def blockwise(mask: np.ndarray, block_px: int, connectivity: int, seed: int | None = None,
-              windows: list[Window] | None = None) -> PolygonSet:
+              windows: list[Window] | None = None, flags: bool = False) -> PolygonSet:
+    """The merger's output over ``mask``'s blocks (``flags``: with the workers' pinch flags, ``shared_vertices``)."""
+    from geoseg.vectorize.polygonize import shared_vertices
+
     wins = list(windows) if windows is not None else block_windows(mask.shape, block_px)
     if seed is not None:
         random.Random(seed).shuffle(wins)
@@ -123,7 +126,10 @@ def blockwise(mask: np.ndarray, block_px: int, connectivity: int, seed: int | No
     parts = []
     for w in wins:
         c, r, ww, hh = int(w.col_off), int(w.row_off), int(w.width), int(w.height)
-        parts.append(merger.add(polygonize_block(mask[r : r + hh, c : c + ww], w, connectivity=connectivity)))
+        b = polygonize_block(mask[r : r + hh, c : c + ww], w, connectivity=connectivity)
+        if flags:
+            b.shared = shared_vertices(b)
+        parts.append(merger.add(b))
     assert merger.open_polygons == 0
     parts.append(merger.finish())
     return PolygonSet.concat(parts)
@@ -167,7 +173,8 @@ def test_worst_case_blockwise_equals_whole(connectivity):
     mask = worst_case_mask()
     ref = reference_shapes(mask, connectivity)
     for block_px, seed in ((7, 1), (16, None), (33, 2)):
-        assert_equal_to_reference(blockwise(mask, block_px, connectivity, seed), ref)
+        for flags in (False, True):  # pinch vertices found by the merger, or flagged by the workers
+            assert_equal_to_reference(blockwise(mask, block_px, connectivity, seed, flags=flags), ref)
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
@@ -189,8 +196,8 @@ def test_random_masks_exact_rings():
         for connectivity in (4, 8):
             whole = polygonize_array(mask, connectivity=connectivity)
             want = {int(i): [r.tolist() for r in whole.rings(k)] for k, i in enumerate(whole.polygon_ids)}
-            for block_px in (1, 3):
-                got = blockwise(mask, block_px, connectivity, seed=trial)
+            for block_px, flags in ((1, False), (3, False), (1, True), (3, True)):
+                got = blockwise(mask, block_px, connectivity, seed=trial, flags=flags)
                 have = {int(i): [r.tolist() for r in got.rings(k)] for k, i in enumerate(got.polygon_ids)}
                 assert have.keys() == want.keys()
                 for pid, rings in want.items():

@@ -17,7 +17,7 @@ from rasterio.windows import Window
 
 from geoseg.conventions import NODATA
 from geoseg.errors import InputError, OutputError
-from geoseg.vectorize.polygonize import BlockPolygons, polygonize_block, window_tuple
+from geoseg.vectorize.polygonize import BlockPolygons, polygonize_block, shared_vertices, window_tuple
 from geoseg.vectorize.seams import block_windows
 from geoseg.vectorize.sieve import read_with_context, sieve_block, sieve_context_px, sieve_size_px
 from geoseg.vectorize.sink import PolygonSink, output_paths, read_class_names, read_palette
@@ -70,7 +70,9 @@ def _block_task(
         mask = sieve_block(read_with_context(ds, window, ctx, fill), ctx, sieve_px, connectivity, nodata=fill)
     else:
         mask = ds.read(1, window=Window(*window))
-    return polygonize_block(mask, window, nodata=nodata, connectivity=connectivity, classes=classes)
+    block = polygonize_block(mask, window, nodata=nodata, connectivity=connectivity, classes=classes)
+    block.shared = shared_vertices(block)  # the writer's seam merge cuts rings there without sorting them all
+    return block
 
 
 def vectorize_file(

@@ -24,6 +24,7 @@ from rasterio.windows import Window
 from geoseg._ragged import concat as concat_ragged
 from geoseg._ragged import offsets as _offsets
 from geoseg._ragged import ranges as _ranges
+from geoseg._ragged import repeated
 from geoseg._ragged import take as take_ragged
 from geoseg.conventions import NODATA
 from geoseg.errors import InputError
@@ -130,7 +131,8 @@ class BlockPolygons:
 
     ``window`` is ``(col_off, row_off, width, height)``. ``sides[p]`` has the bit of each block side (W, E, N,
     S) polygon ``p``'s exterior lies on; ``seams[side]`` are that side's pixel intervals ``(poly, start, end)``
-    (half-open, along the side, sorted by start). Plain arrays: picklable, no GDAL objects.
+    (half-open, along the side, sorted by start); ``shared`` the flags of ``shared_vertices`` once computed (a
+    subset drops them). Plain arrays: picklable, no GDAL objects.
     """
 
     window: tuple[int, int, int, int]
@@ -141,6 +143,7 @@ class BlockPolygons:
     class_ids: np.ndarray
     sides: np.ndarray
     seams: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    shared: np.ndarray | None = None  # per coordinate, from ``shared_vertices`` (the worker's; None: not computed)
 
     def __len__(self) -> int:
         return len(self.class_ids)
@@ -163,6 +166,25 @@ class BlockPolygons:
         """All polygons of the block as a ``PolygonSet`` (``cols``: the full raster's width, for the ids)."""
         ids = polygon_keys(self.coords, self.ring_offsets, self.poly_offsets, cols)
         return PolygonSet(self.coords, self.ring_offsets, self.poly_offsets, self.class_ids, ids)
+
+
+def shared_vertices(block: BlockPolygons) -> np.ndarray:
+    """Per coordinate of ``block``: True where the vertex (closing vertices excepted) occurs more than once among
+    the block's polygons of its class: pinches within a polygon and diagonal contacts between polygons of one
+    class. Off the seam lines these are the only vertices where pieces of one merged polygon from the same
+    block can meet, i.e. where ``SeamMerger`` must cut rings; a worker computes them for the polygons it sends
+    to the writer, so the writer need not sort every vertex of the polygons that cross seams."""
+    c = block.coords
+    out = np.zeros(len(c), dtype=bool)
+    if not len(c):
+        return out
+    closing = np.zeros(len(c), dtype=bool)
+    closing[block.ring_offsets[1:] - 1] = True
+    ring_cls = np.repeat(block.class_ids.astype(np.int64), np.diff(block.poly_offsets))
+    cls = np.repeat(ring_cls, np.diff(block.ring_offsets))
+    key = (cls << (2 * COORD_BITS)) | (c[:, 1].astype(np.int64) << COORD_BITS) | c[:, 0]
+    out[~closing] = repeated(key[~closing])
+    return out
 
 
 def window_tuple(window: Window | Sequence[int]) -> tuple[int, int, int, int]:

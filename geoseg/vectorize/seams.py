@@ -226,7 +226,8 @@ class SeamMerger:
             g = base | p
             r0, r1 = block.poly_offsets[p], block.poly_offsets[p + 1]
             ro = block.ring_offsets[r0 : r1 + 1]
-            self._polys[g] = (int(block.class_ids[p]), block.coords[ro[0] : ro[-1]].copy(), np.diff(ro))
+            flags = None if block.shared is None else block.shared[ro[0] : ro[-1]]
+            self._polys[g] = (int(block.class_ids[p]), block.coords[ro[0] : ro[-1]].copy(), np.diff(ro), flags)
             self._parent[g] = g
             self._groups[g] = _Group(g, int(keys[p]))
         return {base | p for p in touching.tolist()}
@@ -314,17 +315,18 @@ class SeamMerger:
         # Keys pack the group index above 44 bits of coordinates: merge at most 2**18 groups per pass.
         for k in range(0, len(multi), 1 << 18):
             chunk = multi[k : k + (1 << 18)]
-            coords, lens, ring_group = [], [], []
+            coords, lens, ring_group, flags = [], [], [], []
             for gi, (members, _, _) in enumerate(chunk):
                 for m in members:
-                    _, c, rl = self._polys.pop(m)
+                    _, c, rl, sh = self._polys.pop(m)
                     del self._parent[m]
                     coords.append(c)
                     lens.append(rl)
                     ring_group.append(np.full(len(rl), gi, dtype=np.int64))
+                    flags.append(sh)
             merged, ring_lens, rings_per = _merge_groups(
                 np.concatenate(coords), np.concatenate(lens), np.concatenate(ring_group), len(chunk),
-                self._vseams, self._hseams,
+                self._vseams, self._hseams, None if any(f is None for f in flags) else np.concatenate(flags),
             )
             out.append(PolygonSet(
                 merged,
@@ -356,9 +358,10 @@ def _match_intervals(a0, a1, b0, b1, connectivity: int) -> tuple[np.ndarray, np.
 
 def _merge_groups(
     ring_coords: np.ndarray, ring_lens: np.ndarray, ring_group: np.ndarray, n_groups: int,
-    vseams: np.ndarray, hseams: np.ndarray,
+    vseams: np.ndarray, hseams: np.ndarray, shared: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rings (closed, GDAL orientation) of connected groups of block polygons -> each group's merged polygon.
+    ``shared``: the blocks' ``BlockPolygons.shared`` flags of the coordinates, if every block sent them.
 
     Per group: cut the rings at every vertex on a seam line or shared by several rings, cancel the seam unit
     edges present in both directions (``_cut_rings``), re-chain the pieces with GDAL's pinch rule (turn right)
@@ -371,7 +374,7 @@ def _merge_groups(
     """
     ring_lens = np.asarray(ring_lens, dtype=np.int64)
     ring_group = np.asarray(ring_group, dtype=np.int64)
-    pieces, whole = _cut_rings(ring_coords, ring_lens, ring_group, vseams, hseams)
+    pieces, whole = _cut_rings(ring_coords, ring_lens, ring_group, vseams, hseams, shared)
     out_coords: list[np.ndarray] = []
     out_lens: list[np.ndarray] = []
     out_group: list[np.ndarray] = []
@@ -410,7 +413,7 @@ class _Pieces:
 
 
 def _cut_rings(ring_coords: np.ndarray, ring_lens: np.ndarray, ring_group: np.ndarray, vseams: np.ndarray,
-               hseams: np.ndarray) -> tuple[_Pieces, np.ndarray]:
+               hseams: np.ndarray, shared: np.ndarray | None = None) -> tuple[_Pieces, np.ndarray]:
     """Cut every ring at seam vertices and at vertices several rings of its group share; drop the seam unit
     edges present in both directions. Returns the pieces and the indices of rings with no cut."""
     n_in = len(ring_lens)
@@ -420,23 +423,21 @@ def _cut_rings(ring_coords: np.ndarray, ring_lens: np.ndarray, ring_group: np.nd
     V = ring_coords[~is_closing].astype(np.int64)  # open rings
     lens = ring_lens - 1
     roff = _offsets(lens)
-    ring_of = np.repeat(np.arange(n_in), lens)
-    vgroup = ring_group[ring_of]
-    local = np.arange(len(V)) - roff[ring_of]
-    nxt = np.arange(len(V)) + 1
-    nxt[roff[1:] - 1] = roff[:-1]  # each ring's last vertex is followed by its first
-    gkey = (vgroup << (2 * COORD_BITS)) | (V[:, 1] << COORD_BITS) | V[:, 0]
-    onv = np.isin(V[:, 0], vseams)
-    onh = np.isin(V[:, 1], hseams)
+    onv = _on_lines(V[:, 0], vseams)
+    onh = _on_lines(V[:, 1], hseams)
     # Vertices several rings of a group pass through are pinches whose pairing the blocks may have decided
     # differently (with 4-connectivity, diagonal pixels that only the merge connects): cut and re-pair them.
-    cut = onv | onh | repeated(gkey)
-    ncut = np.bincount(ring_of[cut], minlength=n_in)
-    whole = np.flatnonzero(ncut == 0)
-
-    # Pieces: from each cut vertex to the next one of its ring (cyclically), ``n_seg`` segments long.
-    ci = np.flatnonzero(cut)
-    cr, cs = ring_of[ci], local[ci]
+    # Off the seams such a vertex is one its block flagged (``shared``); else find them by sorting.
+    if shared is None:
+        shared = repeated((np.repeat(ring_group, lens) << (2 * COORD_BITS)) | (V[:, 1] << COORD_BITS) | V[:, 0])
+    else:
+        shared = shared[~is_closing]
+    # Pieces: from each cut vertex to the next one of its ring (cyclically), ``n_seg`` segments long. Per-vertex
+    # arrays are only the flags: ring, position and successor are computed at the cut vertices alone.
+    ci = np.flatnonzero(onv | onh | shared)
+    cr = np.searchsorted(roff, ci, side="right") - 1
+    cs = ci - roff[cr]
+    whole = np.flatnonzero(np.bincount(cr, minlength=n_in) == 0)
     first = np.concatenate([[True], cr[1:] != cr[:-1]])
     ring_first = np.flatnonzero(first)[np.cumsum(first) - 1]
     last = np.concatenate([first[1:], [True]])
@@ -444,7 +445,7 @@ def _cut_rings(ring_coords: np.ndarray, ring_lens: np.ndarray, ring_group: np.nd
     nxt_cut[~last] = cs[1:][~last[:-1]]
     nxt_cut[last] = cs[ring_first[last]] + lens[cr[last]]
     n_seg = nxt_cut - cs
-    q_idx = nxt[ci]
+    q_idx = np.where(cs + 1 == lens[cr], roff[cr], ci + 1)  # a ring's last vertex is followed by its first
     P, Q = V[ci], V[q_idx]
     seam = (n_seg == 1) & (((P[:, 0] == Q[:, 0]) & onv[ci]) | ((P[:, 1] == Q[:, 1]) & onh[ci]))
     arc = ~seam
@@ -466,6 +467,13 @@ def _cut_rings(ring_coords: np.ndarray, ring_lens: np.ndarray, ring_group: np.nd
         modulo=np.concatenate([lens[a_ring], np.ones(n_run, np.int64)]),
     )
     return pieces, whole
+
+
+def _on_lines(v: np.ndarray, lines: np.ndarray) -> np.ndarray:
+    """``np.isin(v, lines)`` for non-negative coordinates: one lookup instead of a pass per seam line."""
+    table = np.zeros(max(int(v.max(initial=0)), int(lines.max(initial=0))) + 2, dtype=bool)
+    table[lines] = True
+    return table[v]
 
 
 def _rechain(pc: _Pieces) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
