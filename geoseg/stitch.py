@@ -169,6 +169,8 @@ class SceneWriter:
         self.done: dict[str, str] = {}  # block id -> sha256 of its mask
         self.workers: dict[str, list] = {}  # inference worker -> [blocks, forward s, first start, last end]
         self._taken = 0
+        self.own_process = False  # set by a writer actor: this process does nothing but write
+        self._cpu_first: float | None = None  # process CPU time at the first block
         if store.is_s3(self.out_dir):
             self.work = Path(tempfile.mkdtemp(prefix=f"geoseg-{plan.stem}-"))
         else:
@@ -205,6 +207,8 @@ class SceneWriter:
     # -- writing ------------------------------------------------------------------------------------------
     def add(self, block: Block, result) -> None:
         """Take one finished block (any order)."""
+        if self._cpu_first is None:
+            self._cpu_first = time.process_time()
         if result.error is not None:
             self.failed[block.id] = result.error
             return
@@ -412,6 +416,10 @@ class SceneWriter:
                             else mask_class_areas(local["mask"], self.card.class_names, nodata=NODATA)),
             "timings_s": dict(timings or {}, wall=round(time.time() - self.t0, 3)),
             "inference_workers": inference_workers(self.workers),
+            # in a writer process of its own: its CPU seconds from this scene's first block to its outputs (Ray
+            # deserializing the blocks included; scenes it wrote at the same time too)
+            "writer_cpu_s": (round(time.process_time() - self._cpu_first, 3)
+                             if self.own_process and self._cpu_first is not None else None),
             "outputs": dict(files),
         }
         if self.cfg.output.report:  # report.html + preview.png, from the local mask; linked from run.json

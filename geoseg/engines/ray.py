@@ -227,11 +227,18 @@ class WriterActor:
 
     def __init__(self):
         self.writers: dict = {}
+        # The writer's modules load now, while the driver plans the scenes, not when the first scene opens (the
+        # driver waits for that opening).
+        import geoseg.models.card  # noqa: F401
+        import geoseg.stitch  # noqa: F401
+        import geoseg.vectorize.sink  # noqa: F401
+        import geoseg.write.vectors  # noqa: F401
 
     def open(self, plan: ScenePlan, cfg: JobConfig, card) -> None:
         from geoseg.stitch import SceneWriter
 
-        self.writers[plan.index] = SceneWriter(plan, cfg, card)
+        self.writers[plan.index] = w = SceneWriter(plan, cfg, card)
+        w.own_process = True  # run.json gets this process's CPU time (geoseg.stitch.SceneWriter)
 
     def add(self, scene: int, block, result: BlockResult) -> None:
         self.writers[scene].add(block, result)

@@ -510,10 +510,11 @@ def _rechain(pc: _Pieces) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cycle_len.append(len(walk) - n0)
     c = np.asarray(walk)
     ln = pc.length[c]
-    idx = np.repeat(pc.base[c], ln) + _ranges(pc.start[c], ln) % np.repeat(pc.modulo[c], ln)
-    n_cyc = len(cycle_len)
-    vert_cycle = np.repeat(np.repeat(np.arange(n_cyc), cycle_len), ln)
-    coords, lens_c = _clean_rings(pc.vertices[idx], vert_cycle, n_cyc)
+    pos = _ranges(pc.start[c], ln)  # each piece's vertices (its end is the next piece's start), wrapping once
+    mod = np.repeat(pc.modulo[c], ln)
+    pos -= np.where(pos >= mod, mod, 0)
+    idx = np.repeat(pc.base[c], ln) + pos
+    coords, lens_c = _clean_rings(pc.vertices, idx, _offsets(ln)[:-1], np.repeat(np.arange(len(cycle_len)), cycle_len))
     return coords, lens_c, pc.group[c[_offsets(cycle_len)[:-1]]]
 
 
@@ -564,28 +565,34 @@ def _surviving_seam_runs(
     return a[run_start], b[run_end], group[seg_id[run_start]]
 
 
-def _clean_rings(v: np.ndarray, ring: np.ndarray, n_rings: int) -> tuple[np.ndarray, np.ndarray]:
-    """Open rings (vertices ``v`` grouped by ``ring``): drop collinear vertices, start each at its lowest
-    (row, col) vertex, close. Returns (closed coords, ring lengths)."""
-    counts = np.bincount(ring, minlength=n_rings)
-    off = _offsets(counts)
-    i = np.arange(len(v))
-    prev = i - 1
-    prev[off[:-1]] = off[1:] - 1
-    nxt = i + 1
-    nxt[off[1:] - 1] = off[:-1]
-    keep = (np.sign(v - v[prev]) != np.sign(v[nxt] - v)).any(axis=1)
-    v, ring = v[keep], ring[keep]
-    counts = np.bincount(ring, minlength=n_rings)
+def _clean_rings(vertices: np.ndarray, idx: np.ndarray, joints: np.ndarray,
+                 joint_ring: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Open rings given as indices ``idx`` into ``vertices``, ring after ring; ``joints`` are the positions in
+    ``idx`` where a piece starts (ascending), ``joint_ring`` their ring. Drops collinear vertices, starts each
+    ring at its lowest (row, col) vertex and closes it. Only joints can be collinear (GDAL's rings have no
+    collinear vertex, and a piece keeps its inner vertices' neighbours), so only they are tested. Returns (closed
+    coords, ring lengths)."""
+    ring_first = np.flatnonzero(np.r_[True, joint_ring[1:] != joint_ring[:-1]])  # a ring's first joint
+    ring_start = joints[ring_first]
+    ring_end = np.r_[ring_start[1:], len(idx)]
+    prev = joints - 1
+    prev[ring_first] = ring_end - 1
+    nxt = joints + 1
+    at_end = nxt == ring_end[joint_ring]
+    nxt[at_end] = ring_start[joint_ring[at_end]]
+    v, p, n = vertices[idx[joints]], vertices[idx[prev]], vertices[idx[nxt]]
+    keep = np.ones(len(idx), dtype=bool)
+    keep[joints] = (np.sign(v - p) != np.sign(n - v)).any(axis=1)
+    counts = np.add.reduceat(keep, ring_start).astype(np.int64) if len(idx) else np.zeros(0, np.int64)
+    idx = idx[keep]
     off = _offsets(counts)
     # Rotate each ring to its lowest (row, col) vertex; it is never a pinch, so it occurs once per ring.
-    key = (v[:, 1] << COORD_BITS) | v[:, 0]
+    key = (vertices[idx, 1] << COORD_BITS) | vertices[idx, 0]
     low = np.minimum.reduceat(key, off[:-1])
-    first = np.flatnonzero(key == low[ring])
-    start = first - off[:-1]
-    # closed ring r: positions 0..n_r, source index off[r] + (start[r] + j) % n_r
+    start = np.flatnonzero(key == np.repeat(low, counts)) - off[:-1]
+    # closed ring r: positions 0..n_r, source off[r] + (start[r] + j) mod n_r
     n_closed = counts + 1
-    j = np.arange(int(n_closed.sum())) - np.repeat(_offsets(n_closed)[:-1], n_closed)
-    r = np.repeat(np.arange(n_rings), n_closed)
-    closed = v[off[r] + (start[r] + j) % counts[r]]
-    return closed, n_closed
+    src = _ranges(off[:-1] + start, n_closed)
+    ends = np.repeat(off[1:], n_closed)
+    src -= np.where(src >= ends, np.repeat(counts, n_closed), 0)
+    return vertices[idx[src]], n_closed

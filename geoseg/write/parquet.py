@@ -33,12 +33,14 @@ class GeoParquetWriter(VectorWriter):
         *,
         extent: tuple[float, float, float, float] | None = None,
         row_group_rows: int = 16_384,
+        row_group_bytes: int = 32 * 2**20,
         compression: str = "snappy",
     ):
         super().__init__(path)
         self.crs = to_pyproj(crs)
         self.extent = extent
         self.row_group_rows = int(row_group_rows)
+        self.row_group_bytes = int(row_group_bytes)  # large polygons: a row group per ~32 MiB of WKB
         self.compression = compression
         self._buf: list[FeatureBatch] = []
         self._buf_rows = 0
@@ -60,6 +62,8 @@ class GeoParquetWriter(VectorWriter):
         self._buf_rows += len(batch)
         while self._buf_rows >= self.row_group_rows:
             self._flush(self.row_group_rows)
+        if sum(b.wkb.nbytes for b in self._buf) >= self.row_group_bytes:
+            self._flush()
 
     def _flush(self, limit: int | None = None) -> None:
         """Write up to ``limit`` buffered rows as one row group, Hilbert-sorted by bounding-box centre."""
