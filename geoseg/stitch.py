@@ -197,6 +197,7 @@ class SceneWriter:
                     outputs, shape=info.shape, transform=info.transform,
                     crs=info.crs, cfg=cfg.vector, block_px=plan.grid.block_px, class_names=card.class_names,
                     palette=card.palette, scene=plan.stem, model=card.name, model_version=card.version,
+                    ordered=not plan.vector_parts,
                 )
             except BaseException:
                 self.mask_writer.abort()  # no scratch file left behind by a setting refused here

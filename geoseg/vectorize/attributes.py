@@ -240,11 +240,17 @@ def _cell_area_geographic(polys: PolygonSet, transform: Affine, pcrs) -> np.ndar
 
 def _geodesic_perimeters(polys: PolygonSet, transform: Affine, geod) -> np.ndarray:
     """Sum of the geodesic lengths of each polygon's edges (exterior and holes) on a north-up geographic grid
-    (``geoseg.vectorize.geodesic``: per-row tables, no inverse per edge)."""
-    from geoseg.vectorize.geodesic import geodesic_perimeters
+    (``geoseg.vectorize.geodesic``: per-row tables, no inverse per edge). Edges are consecutive coordinates, with
+    no gather of segment indices."""
+    from geoseg.vectorize.geodesic import edge_lengths
 
-    seg, seg_poly = _segments(polys)
-    c = polys.coords
-    x0, y0 = c[seg, 0].astype(np.int64), c[seg, 1].astype(np.int64)
-    x1, y1 = c[seg + 1, 0].astype(np.int64), c[seg + 1, 1].astype(np.int64)
-    return geodesic_perimeters(x0, y0, x1, y1, seg_poly, len(polys), transform, geod)
+    if not len(polys):
+        return np.zeros(0)
+    x = polys.coords[:, 0].astype(np.int64)
+    y = polys.coords[:, 1].astype(np.int64)
+    x1, y1 = x[1:].copy(), y[1:].copy()
+    closing = polys.ring_offsets[1:-1] - 1  # a ring's closing vertex starts no edge: a zero-length one instead
+    x1[closing], y1[closing] = x[closing], y[closing]
+    lengths = np.zeros(len(x))
+    lengths[:-1] = edge_lengths(x[:-1], y[:-1], x1, y1, transform, geod)
+    return np.add.reduceat(lengths, polys.ring_offsets[polys.poly_offsets[:-1]])

@@ -24,7 +24,7 @@ from collections import OrderedDict
 import numpy as np
 from affine import Affine
 
-__all__ = ["geodesic_perimeters", "SERIES_MAX_RAD"]
+__all__ = ["edge_lengths", "geodesic_perimeters", "SERIES_MAX_RAD"]
 
 SERIES_MAX_RAD = 0.005  # longest parallel edge (radians of longitude) measured by the series
 _CHUNK = 1024  # row lines per cached chunk
@@ -78,19 +78,19 @@ def _table(transform: Affine, geod) -> _RowTable:
         return t
 
 
-def geodesic_perimeters(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray, seg_poly: np.ndarray,
-                        n_polys: int, transform: Affine, geod) -> np.ndarray:
-    """Per polygon, the sum of the geodesic lengths of its edges ``(x0, y0) -> (x1, y1)`` (integer pixel corner
-    coordinates, each edge along a row or a column line; ``seg_poly`` the polygon of each edge)."""
+def edge_lengths(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray, transform: Affine,
+                 geod) -> np.ndarray:
+    """The geodesic length of each edge ``(x0, y0) -> (x1, y1)`` (integer pixel corner coordinates, int64, each
+    edge along a row or a column line; a zero-length edge is 0)."""
+    lengths = np.zeros(len(x0))
     if not len(x0):
-        return np.zeros(n_polys)
+        return lengths
     table = _table(transform, geod)
     lo = int(min(y0.min(), y1.min()))
     hi = int(max(y0.max(), y1.max()))
     with _lock:
         base, vals = table.rows(lo, hi)
     arc, A, B = vals
-    lengths = np.empty(len(x0))
     vert = x0 == x1
     lengths[vert] = np.abs(arc[y1[vert] - base] - arc[y0[vert] - base])
     horiz = ~vert
@@ -108,4 +108,11 @@ def geodesic_perimeters(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.n
         _, _, s = geod.inv(np.zeros_like(lat), lat, abs(transform.a) * cols.astype(np.float64), lat)
         h[long] = np.asarray(s, dtype=np.float64)[inv.ravel()]
     lengths[horiz] = h
-    return np.bincount(seg_poly, weights=lengths, minlength=n_polys)
+    return lengths
+
+
+def geodesic_perimeters(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray, seg_poly: np.ndarray,
+                        n_polys: int, transform: Affine, geod) -> np.ndarray:
+    """Per polygon, the sum of the geodesic lengths of its edges (``edge_lengths``; ``seg_poly`` the polygon of
+    each edge)."""
+    return np.bincount(seg_poly, weights=edge_lengths(x0, y0, x1, y1, transform, geod), minlength=n_polys)

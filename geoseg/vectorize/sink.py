@@ -113,7 +113,8 @@ class PolygonSink:
     Feed it ``BlockPolygons`` in any order with ``add``; ``finish`` publishes every output atomically and
     returns ``{format: path}``; ``abort`` removes the temporary files. ``outputs`` maps formats
     (parquet, gpkg, geojson, geojsonseq) to paths. Polygons are written in row bands of ``band_px`` raster
-    rows, each sorted by ``polygon_id`` (see ``_Bands``): the files are byte-identical for every block size and
+    rows, each sorted by ``polygon_id`` (see ``_Bands``; ``ordered=False`` writes them as they are finished
+    instead): the files are byte-identical for every block size and
     arrival order, and simplification is partition-invariant (edges between polygons of different bands are
     kept exact, so bands fit together without gaps).
     """
@@ -134,6 +135,7 @@ class PolygonSink:
         model: str | None = None,
         model_version: str | None = None,
         band_px: int = 512,
+        ordered: bool = True,
         overwrite: bool = True,
         write_chunk: int = 4096,
     ):
@@ -148,7 +150,9 @@ class PolygonSink:
         self.keep = resolve_classes(cfg.include_classes, cfg.exclude_classes, self.class_names)
         self.tolerance = simplify_tolerance(cfg.simplify_tolerance_m, crs) if cfg.simplify_tolerance_m > 0 else 0.0
         self.merger = SeamMerger(self.shape, block_px=block_px, windows=windows, connectivity=cfg.connectivity)
-        self.bands = _Bands(self.shape[0], band_px)
+        # ordered=False (the seam part of a partitioned output, whose content depends on the block grid anyway):
+        # polygons are written as the merger finishes them, without holding and sorting bands
+        self.bands = _Bands(self.shape[0], band_px) if ordered else None
         self.write_chunk = max(1, int(write_chunk))
         self.count = 0
         extent = scene_extent(self.shape, transform)
@@ -177,6 +181,8 @@ class PolygonSink:
         return self._route(final, self.merger.rows_complete_until())
 
     def _route(self, final: PolygonSet, rows_complete: int) -> int:
+        if self.bands is None:
+            return self._write_chunked(final)
         n = sum(self._write_chunked(p) for p in self.bands.add(final))
         return n + sum(self._write_chunked(p) for p in self.bands.ready(rows_complete))
 
