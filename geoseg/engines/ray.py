@@ -227,12 +227,8 @@ class WriterActor:
 
     def __init__(self):
         self.writers: dict = {}
-        # The writer's modules load now, while the driver plans the scenes, not when the first scene opens (the
-        # driver waits for that opening).
-        import geoseg.models.card  # noqa: F401
-        import geoseg.stitch  # noqa: F401
-        import geoseg.vectorize.sink  # noqa: F401
-        import geoseg.write.vectors  # noqa: F401
+        # its modules load now, while the driver plans, not at the first opening (which the driver waits for)
+        import geoseg.models.card, geoseg.stitch, geoseg.vectorize.sink, geoseg.write.vectors  # noqa: F401, E401
 
     def open(self, plan: ScenePlan, cfg: JobConfig, card) -> None:
         from geoseg.stitch import SceneWriter
@@ -404,9 +400,8 @@ class RayEngine:
         return [_get(ref) for ref in [remote.remote(*a) for a in args]]
 
     def call(self, fn: Callable, *args):
-        """``fn(*args)`` as one task on the cluster (work the driver should not do itself: on a joined cluster the
-        driver may not even see the output location). On a private local Ray the driver's machine is the
-        cluster: it runs here, without a task's round trip (a second off the end of every job)."""
+        """``fn(*args)`` as one task on the cluster (on a joined cluster the driver may not even see the output
+        location); on a private local Ray, here (the same machine, without a task's round trip)."""
         if self.started:
             return fn(*args)
         return _get(self.task(fn).remote(*args))

@@ -11,9 +11,9 @@ import numpy as np
 import shapely
 from affine import Affine
 
-from geoseg._ragged import ranges as _ranges
 from geoseg.conventions import class_label, to_pyproj
 from geoseg.errors import InputError
+from geoseg.vectorize.geodesic import edge_measures, ellipsoid_q
 from geoseg.vectorize.polygonize import PolygonSet
 
 
@@ -59,14 +59,6 @@ def _metres_per_unit(pcrs) -> float:
     return 1.0
 
 
-def _ellipsoid_q(lat_deg: np.ndarray, e: float) -> np.ndarray:
-    """Authalic ``q(phi)``: the area between the equator and ``phi`` per radian of longitude is b^2 q / 2."""
-    s = np.sin(np.radians(lat_deg))
-    if e == 0:
-        return 2 * s
-    return s / (1 - e * e * s * s) + np.log((1 + e * s) / (1 - e * s)) / (2 * e)
-
-
 def _geo_ellipsoid(pcrs) -> tuple[float, float]:
     ell = pcrs.ellipsoid
     a = float(ell.semi_major_metre)
@@ -82,7 +74,7 @@ def pixel_area_m2(transform: Affine, crs: Any, shape: tuple[int, int]) -> float:
         b, e = a * (1 - f), math.sqrt(f * (2 - f))
         row = shape[0] // 2
         lats = np.array([transform.f + transform.e * row, transform.f + transform.e * (row + 1)])
-        q = _ellipsoid_q(lats, e)
+        q = ellipsoid_q(lats, e)
         return abs(0.5 * b * b * (q[1] - q[0]) * math.radians(abs(transform.a)))
     k = _metres_per_unit(pcrs)
     return abs(transform.a * transform.e - transform.b * transform.d) * k * k
@@ -145,8 +137,7 @@ def polygon_table(
     if pcrs is not None and pcrs.is_geographic:
         geod = pcrs.get_geod()
         if pixel_exact and north_up:
-            area = _cell_area_geographic(polys, transform, pcrs)
-            perim = _geodesic_perimeters(polys, transform, geod)
+            area, perim = _geographic_measures(polys, transform, geod)
         else:
             area = np.empty(n)
             perim = np.empty(n)
@@ -188,14 +179,6 @@ def polygon_table(
     }
 
 
-def _segments(polys: PolygonSet) -> tuple[np.ndarray, np.ndarray]:
-    """Start index of every ring segment (into coords) and the polygon it belongs to."""
-    nseg = np.diff(polys.ring_offsets) - 1
-    seg = _ranges(polys.ring_offsets[:-1], nseg)
-    ring_poly = np.repeat(np.arange(len(polys)), np.diff(polys.poly_offsets))
-    return seg, np.repeat(ring_poly, nseg)
-
-
 def _pixel_areas(polys: PolygonSet) -> np.ndarray:
     """Exact pixel counts (shoelace in integer pixel coordinates, holes subtract by their orientation)."""
     if not len(polys):
@@ -219,38 +202,20 @@ def _planar_perimeters(polys: PolygonSet, transform: Affine) -> np.ndarray:
     return np.add.reduceat(seg, polys.ring_offsets[polys.poly_offsets[:-1]])
 
 
-def _cell_area_geographic(polys: PolygonSet, transform: Affine, pcrs) -> np.ndarray:
-    """Ellipsoidal area of pixel-aligned polygons on a north-up geographic grid, summed per horizontal edge.
-
-    With ``F(y)`` the area from the equator to row line ``y`` per pixel column, a polygon's area is
-    ``|sum over horizontal edges of dx * F(y)|`` (Green's theorem on the cell grid): exact for cells bounded by
-    parallels and meridians, vectorized over all polygons.
-    """
-    a, f = _geo_ellipsoid(pcrs)
-    b, e = a * (1 - f), math.sqrt(f * (2 - f))
-    seg, seg_poly = _segments(polys)
-    c = polys.coords
-    y0 = c[seg, 1]
-    horiz = y0 == c[seg + 1, 1]
-    dx = (c[seg + 1, 0] - c[seg, 0]).astype(np.float64)
-    lat = transform.f + transform.e * y0[horiz].astype(np.float64)
-    fy = 0.5 * b * b * _ellipsoid_q(lat, e) * math.radians(abs(transform.a))
-    return np.abs(np.bincount(seg_poly[horiz], weights=dx[horiz] * fy, minlength=len(polys)))
-
-
-def _geodesic_perimeters(polys: PolygonSet, transform: Affine, geod) -> np.ndarray:
-    """Sum of the geodesic lengths of each polygon's edges (exterior and holes) on a north-up geographic grid
-    (``geoseg.vectorize.geodesic``: per-row tables, no inverse per edge). Edges are consecutive coordinates, with
-    no gather of segment indices."""
-    from geoseg.vectorize.geodesic import edge_lengths
-
+def _geographic_measures(polys: PolygonSet, transform: Affine, geod) -> tuple[np.ndarray, np.ndarray]:
+    """(ellipsoidal area, geodesic perimeter) of pixel-aligned polygons on a north-up geographic grid, from the
+    grid's per-row tables (``geoseg.vectorize.geodesic.edge_measures``). Edges are consecutive coordinates (a
+    ring's closing vertex starts a zero-length one): no gather of segment indices. The area is exact for cells
+    bounded by parallels and meridians (Green's theorem on the cell grid); the perimeter sums geodesic edge
+    lengths (exterior and holes)."""
     if not len(polys):
-        return np.zeros(0)
+        return np.zeros(0), np.zeros(0)
     x = polys.coords[:, 0].astype(np.int64)
     y = polys.coords[:, 1].astype(np.int64)
     x1, y1 = x[1:].copy(), y[1:].copy()
-    closing = polys.ring_offsets[1:-1] - 1  # a ring's closing vertex starts no edge: a zero-length one instead
+    closing = polys.ring_offsets[1:-1] - 1
     x1[closing], y1[closing] = x[closing], y[closing]
-    lengths = np.zeros(len(x))
-    lengths[:-1] = edge_lengths(x[:-1], y[:-1], x1, y1, transform, geod)
-    return np.add.reduceat(lengths, polys.ring_offsets[polys.poly_offsets[:-1]])
+    lengths, terms = np.zeros(len(x)), np.zeros(len(x))
+    lengths[:-1], terms[:-1] = edge_measures(x[:-1], y[:-1], x1, y1, transform, geod)
+    starts = polys.ring_offsets[polys.poly_offsets[:-1]]
+    return np.abs(np.add.reduceat(terms, starts)), np.add.reduceat(lengths, starts)

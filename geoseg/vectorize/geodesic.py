@@ -1,4 +1,5 @@
-"""Geodesic perimeters of pixel polygons on a north-up geographic grid, without one inverse per edge.
+"""Geodesic perimeters and ellipsoidal areas of pixel polygons on a north-up geographic grid, from per-row tables
+(no inverse per edge).
 
 Every edge of such a polygon runs along a meridian or a parallel:
 
@@ -24,7 +25,7 @@ from collections import OrderedDict
 import numpy as np
 from affine import Affine
 
-__all__ = ["edge_lengths", "geodesic_perimeters", "SERIES_MAX_RAD"]
+__all__ = ["edge_measures", "ellipsoid_q", "geodesic_perimeters", "SERIES_MAX_RAD"]
 
 SERIES_MAX_RAD = 0.005  # longest parallel edge (radians of longitude) measured by the series
 _CHUNK = 1024  # row lines per cached chunk
@@ -39,7 +40,7 @@ class _RowTable:
     def __init__(self, lat0: float, dlat: float, dlon: float, geod):
         self.lat0, self.dlat, self.dlon, self.geod = lat0, dlat, dlon, geod
         self.R = max(1, int(SERIES_MAX_RAD // math.radians(dlon)))
-        self.chunks: dict[int, np.ndarray] = {}  # chunk -> (3, _CHUNK): arc, A, B
+        self.chunks: dict[int, np.ndarray] = {}  # chunk -> (4, _CHUNK): arc, A, B, F
 
     def _chunk(self, c: int) -> np.ndarray:
         rows = np.arange(c * _CHUNK, (c + 1) * _CHUNK, dtype=np.float64)
@@ -54,10 +55,13 @@ class _RowTable:
             b = (np.asarray(sr, dtype=np.float64) / self.R - s1) / (self.R * self.R - 1.0)
         else:
             b = np.zeros_like(s1)
-        return np.stack([arc, s1 - b, b])
+        # F: the ellipsoidal area from the equator to the row line per pixel column (a cell's area is a difference)
+        semi_minor, e = self.geod.a * (1 - self.geod.f), math.sqrt(self.geod.f * (2 - self.geod.f))
+        area = 0.5 * semi_minor * semi_minor * ellipsoid_q(lat, e) * math.radians(self.dlon)
+        return np.stack([arc, s1 - b, b, area])
 
     def rows(self, lo: int, hi: int) -> tuple[int, np.ndarray]:
-        """(first row, (3, n) values) covering row lines ``lo..hi``."""
+        """(first row, (4, n) values) covering row lines ``lo..hi``."""
         c0, c1 = lo // _CHUNK, hi // _CHUNK
         for c in range(c0, c1 + 1):
             if c not in self.chunks:
@@ -78,24 +82,37 @@ def _table(transform: Affine, geod) -> _RowTable:
         return t
 
 
-def edge_lengths(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray, transform: Affine,
-                 geod) -> np.ndarray:
-    """The geodesic length of each edge ``(x0, y0) -> (x1, y1)`` (integer pixel corner coordinates, int64, each
-    edge along a row or a column line; a zero-length edge is 0)."""
-    lengths = np.zeros(len(x0))
+def ellipsoid_q(lat_deg: np.ndarray, e: float) -> np.ndarray:
+    """Authalic ``q(phi)``: the area between the equator and ``phi`` per radian of longitude is b^2 q / 2."""
+    s = np.sin(np.radians(lat_deg))
+    if e == 0:
+        return 2 * s
+    return s / (1 - e * e * s * s) + np.log((1 + e * s) / (1 - e * s)) / (2 * e)
+
+
+def edge_measures(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray, transform: Affine,
+                  geod) -> tuple[np.ndarray, np.ndarray]:
+    """(geodesic length, signed area term) of each edge ``(x0, y0) -> (x1, y1)`` (integer pixel corner
+    coordinates, int64, each edge along a row or a column line; a zero-length edge gives 0, 0). The area terms of
+    a ring sum to its ellipsoidal area, signed by orientation: ``dx * F(y)`` per edge along a parallel, with ``F``
+    the area from the equator to the row line per pixel column (Green's theorem on cells bounded by parallels
+    and meridians: exact)."""
+    lengths, terms = np.zeros(len(x0)), np.zeros(len(x0))
     if not len(x0):
-        return lengths
+        return lengths, terms
     table = _table(transform, geod)
     lo = int(min(y0.min(), y1.min()))
     hi = int(max(y0.max(), y1.max()))
     with _lock:
         base, vals = table.rows(lo, hi)
-    arc, A, B = vals
+    arc, A, B, F = vals
     vert = x0 == x1
     lengths[vert] = np.abs(arc[y1[vert] - base] - arc[y0[vert] - base])
     horiz = ~vert
-    d = np.abs(x1[horiz] - x0[horiz])
+    dx = x1[horiz] - x0[horiz]
     r = y0[horiz] - base
+    terms[horiz] = dx * F[r]
+    d = np.abs(dx)
     df = d.astype(np.float64)
     h = df * (A[r] + B[r] * df * df)
     long = d > table.R
@@ -108,11 +125,11 @@ def edge_lengths(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray,
         _, _, s = geod.inv(np.zeros_like(lat), lat, abs(transform.a) * cols.astype(np.float64), lat)
         h[long] = np.asarray(s, dtype=np.float64)[inv.ravel()]
     lengths[horiz] = h
-    return lengths
+    return lengths, terms
 
 
 def geodesic_perimeters(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray, seg_poly: np.ndarray,
                         n_polys: int, transform: Affine, geod) -> np.ndarray:
-    """Per polygon, the sum of the geodesic lengths of its edges (``edge_lengths``; ``seg_poly`` the polygon of
+    """Per polygon, the sum of the geodesic lengths of its edges (``edge_measures``; ``seg_poly`` the polygon of
     each edge)."""
-    return np.bincount(seg_poly, weights=edge_lengths(x0, y0, x1, y1, transform, geod), minlength=n_polys)
+    return np.bincount(seg_poly, weights=edge_measures(x0, y0, x1, y1, transform, geod)[0], minlength=n_polys)

@@ -69,21 +69,27 @@ class GeoParquetWriter(VectorWriter):
         """Write up to ``limit`` buffered rows as one row group, Hilbert-sorted by bounding-box centre."""
         if not self._buf:
             return
-        batch = _Encoded.concat(self._buf)
-        self._buf = []
-        if limit is not None and len(batch) > limit:
-            self._buf = [batch.take(np.arange(limit, len(batch)))]
-            batch = batch.take(np.arange(limit))
-        self._buf_rows = sum(len(b) for b in self._buf)
-        bounds = batch.bounds
+        parts, self._buf = self._buf, []
+        wkbs = [p.wkb for p in parts]
+        n = sum(len(p) for p in parts)
+        k = n if limit is None else min(limit, n)
+        bounds = np.concatenate([p.bounds for p in parts])
+        columns = {c: concat_col([p.columns[c] for p in parts]) for c in parts[0].columns}
+        if k < n:  # the rows past the limit stay buffered
+            rest = np.arange(k, n)
+            self._buf = [_Encoded(_gather_binary(wkbs, rest), bounds[rest],
+                                  {c: take_col(v, rest) for c, v in columns.items()})]
+        self._buf_rows = n - k
+        bounds = bounds[:k]
         cx = (bounds[:, 0] + bounds[:, 2]) / 2
         cy = (bounds[:, 1] + bounds[:, 3]) / 2
         extent = self.extent or (cx.min(), cy.min(), cx.max(), cy.max())
         h = hilbert_index(cx, cy, extent)
-        ids = batch.columns.get("polygon_id")
+        ids = columns.get("polygon_id")
         # ties (e.g. an island and the ring around it share a bbox centre) by polygon_id: a canonical order
-        order = np.lexsort((np.asarray(ids), h)) if ids is not None else np.argsort(h, kind="stable")
-        batch = batch.take(order)
+        order = np.lexsort((np.asarray(ids)[:k], h)) if ids is not None else np.argsort(h, kind="stable")
+        # the WKB is copied once, straight into the row group's order (no concatenation, then take)
+        batch = _Encoded(_gather_binary(wkbs, order), bounds[order], {c: take_col(v, order) for c, v in columns.items()})
         bounds = batch.bounds
         arrays = {k: arrow_column(v) for k, v in batch.columns.items()}
         arrays["geometry"] = batch.wkb
@@ -96,8 +102,12 @@ class GeoParquetWriter(VectorWriter):
         elif table.schema != self._schema:
             table = table.select(self._schema.names).cast(self._schema)
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp, table.schema, compression=self.compression,
-                                            store_schema=False)
+            # no dictionary attempt and no min/max statistics on the WKB (unique, large values: both cost a pass
+            # over every byte for nothing); the bbox covering columns keep theirs, readers filter on them
+            plain = [f.name for f in table.schema if f.name not in ("geometry", "bbox")]
+            self._writer = pq.ParquetWriter(
+                self.tmp, table.schema, compression=self.compression, store_schema=False, use_dictionary=plain,
+                write_statistics=plain + [f"bbox.{k}" for k in ("xmin", "ymin", "xmax", "ymax")])
         self._writer.write_table(table, row_group_size=len(table))
 
     def _geo_metadata(self) -> dict:
@@ -147,16 +157,27 @@ class _Encoded:
     def __len__(self) -> int:
         return len(self.wkb)
 
-    def take(self, idx: np.ndarray) -> "_Encoded":
-        return _Encoded(self.wkb.take(pa.array(idx, type=pa.int64())), self.bounds[idx],
-                        {k: take_col(v, idx) for k, v in self.columns.items()})
 
-    @classmethod
-    def concat(cls, parts: list["_Encoded"]) -> "_Encoded":
-        if len(parts) == 1:
-            return parts[0]
-        wkb = [p.wkb for p in parts]
-        if len({a.type for a in wkb}) > 1:  # a large_binary part among binary ones
-            wkb = [a.cast(pa.large_binary()) for a in wkb]
-        return cls(pa.concat_arrays(wkb), np.concatenate([p.bounds for p in parts]),
-                   {k: concat_col([p.columns[k] for p in parts]) for k in parts[0].columns})
+def _gather_binary(arrays: list[pa.Array], rows: np.ndarray) -> pa.Array:
+    """The values at ``rows`` (indices over the concatenation of ``arrays``, binary without nulls), in that
+    order, as one binary array: one memory copy per value."""
+    offsets, datas = [], []
+    for a in arrays:
+        _, off_buf, data_buf = a.buffers()
+        large = pa.types.is_large_binary(a.type)
+        offsets.append(np.frombuffer(off_buf, dtype=np.int64 if large else np.int32)[a.offset : a.offset + len(a) + 1]
+                       .astype(np.int64))
+        datas.append(memoryview(np.frombuffer(data_buf, dtype=np.uint8)) if data_buf is not None else memoryview(b""))
+    starts = np.concatenate([o[:-1] for o in offsets])[rows]
+    sizes = np.concatenate([np.diff(o) for o in offsets])[rows]
+    part = np.repeat(np.arange(len(arrays)), [len(a) for a in arrays])[rows]
+    out_off = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=out_off[1:])
+    out = np.empty(int(out_off[-1]), dtype=np.uint8)
+    dst = memoryview(out)
+    for d, st, sz, p in zip(out_off[:-1].tolist(), starts.tolist(), sizes.tolist(), part.tolist()):
+        dst[d : d + sz] = datas[p][st : st + sz]
+    large = out_off[-1] >= 2**31
+    return pa.Array.from_buffers(pa.large_binary() if large else pa.binary(), len(rows),
+                                 [None, pa.py_buffer(out_off.astype(np.int64 if large else np.int32)),
+                                  pa.py_buffer(out)])
