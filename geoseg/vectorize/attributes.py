@@ -204,18 +204,16 @@ def _planar_perimeters(polys: PolygonSet, transform: Affine) -> np.ndarray:
 
 def _geographic_measures(polys: PolygonSet, transform: Affine, geod) -> tuple[np.ndarray, np.ndarray]:
     """(ellipsoidal area, geodesic perimeter) of pixel-aligned polygons on a north-up geographic grid, from the
-    grid's per-row tables (``geoseg.vectorize.geodesic.edge_measures``). Edges are consecutive coordinates (a
-    ring's closing vertex starts a zero-length one): no gather of segment indices. The area is exact for cells
+    grid's per-row tables (``geoseg.vectorize.geodesic.edge_measures``). Edges are consecutive coordinates: no
+    gather of segment indices. The area is exact for cells
     bounded by parallels and meridians (Green's theorem on the cell grid); the perimeter sums geodesic edge
     lengths (exterior and holes)."""
     if not len(polys):
         return np.zeros(0), np.zeros(0)
-    x = polys.coords[:, 0].astype(np.int64)
-    y = polys.coords[:, 1].astype(np.int64)
+    x, y = polys.coords[:, 0], polys.coords[:, 1]
     x1, y1 = x[1:].copy(), y[1:].copy()
-    closing = polys.ring_offsets[1:-1] - 1
+    closing = polys.ring_offsets[1:-1] - 1  # a ring's closing vertex starts a zero-length edge
     x1[closing], y1[closing] = x[closing], y[closing]
-    lengths, terms = np.zeros(len(x)), np.zeros(len(x))
-    lengths[:-1], terms[:-1] = edge_measures(x[:-1], y[:-1], x1, y1, transform, geod)
-    starts = polys.ring_offsets[polys.poly_offsets[:-1]]
+    lengths, terms = edge_measures(x[:-1], y[:-1], x1, y1, transform, geod)
+    starts = polys.ring_offsets[polys.poly_offsets[:-1]]  # (the last closing vertex starts no edge at all)
     return np.abs(np.add.reduceat(terms, starts)), np.add.reduceat(lengths, starts)

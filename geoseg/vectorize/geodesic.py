@@ -93,38 +93,36 @@ def ellipsoid_q(lat_deg: np.ndarray, e: float) -> np.ndarray:
 def edge_measures(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray, transform: Affine,
                   geod) -> tuple[np.ndarray, np.ndarray]:
     """(geodesic length, signed area term) of each edge ``(x0, y0) -> (x1, y1)`` (integer pixel corner
-    coordinates, int64, each edge along a row or a column line; a zero-length edge gives 0, 0). The area terms of
-    a ring sum to its ellipsoidal area, signed by orientation: ``dx * F(y)`` per edge along a parallel, with ``F``
-    the area from the equator to the row line per pixel column (Green's theorem on cells bounded by parallels
-    and meridians: exact)."""
-    lengths, terms = np.zeros(len(x0)), np.zeros(len(x0))
+    coordinates, each edge along a row or a column line; a zero-length edge gives 0, 0). The area terms of a ring
+    sum to its ellipsoidal area, signed by orientation: ``dx * F(y)`` per edge along a parallel, with ``F`` the
+    area from the equator to the row line per pixel column (Green's theorem on cells bounded by parallels and
+    meridians: exact).
+
+    No boolean selections (each would copy): a meridian edge has ``dx = 0``, so its parallel terms vanish, and a
+    parallel edge has ``y0 = y1``, so its arc difference does."""
     if not len(x0):
-        return lengths, terms
+        return np.zeros(0), np.zeros(0)
     table = _table(transform, geod)
     lo = int(min(y0.min(), y1.min()))
     hi = int(max(y0.max(), y1.max()))
     with _lock:
         base, vals = table.rows(lo, hi)
     arc, A, B, F = vals
-    vert = x0 == x1
-    lengths[vert] = np.abs(arc[y1[vert] - base] - arc[y0[vert] - base])
-    horiz = ~vert
-    dx = x1[horiz] - x0[horiz]
-    r = y0[horiz] - base
-    terms[horiz] = dx * F[r]
+    r0, r1 = y0 - base, y1 - base
+    dx = (x1 - x0).astype(np.float64)
+    terms = dx * F[r0]
     d = np.abs(dx)
-    df = d.astype(np.float64)
-    h = df * (A[r] + B[r] * df * df)
-    long = d > table.R
-    if long.any():  # beyond the series' span: exact inverses, one per distinct (row, d)
-        dl, yl = d[long], y0[horiz][long]
+    lengths = np.abs(arc[r1] - arc[r0])
+    lengths += d * (A[r0] + B[r0] * (d * d))
+    long = np.flatnonzero(d > table.R)
+    if len(long):  # beyond the series' span: exact inverses, one per distinct (row, d)
+        dl, yl = d[long].astype(np.int64), np.asarray(y0[long], dtype=np.int64)
         width = int(dl.max()) + 1
         keys, inv = np.unique(yl * width + dl, return_inverse=True)
         row, cols = np.divmod(keys, width)
         lat = transform.f + transform.e * row.astype(np.float64)
         _, _, s = geod.inv(np.zeros_like(lat), lat, abs(transform.a) * cols.astype(np.float64), lat)
-        h[long] = np.asarray(s, dtype=np.float64)[inv.ravel()]
-    lengths[horiz] = h
+        lengths[long] = np.asarray(s, dtype=np.float64)[inv.ravel()]
     return lengths, terms
 
 
