@@ -222,12 +222,14 @@ class SeamMerger:
     def _hold(self, block: BlockPolygons, b: int, touching: np.ndarray, keys: np.ndarray) -> set[int]:
         """Keep the polygons that touch a seam until their group is complete; their global ids."""
         base = b << 32
+        po, ro, cls = block.poly_offsets.tolist(), block.ring_offsets.tolist(), block.class_ids.tolist()
+        ring_lens, coords, shared = np.diff(block.ring_offsets), block.coords, block.shared
         for p in touching.tolist():
             g = base | p
-            r0, r1 = block.poly_offsets[p], block.poly_offsets[p + 1]
-            ro = block.ring_offsets[r0 : r1 + 1]
-            flags = None if block.shared is None else block.shared[ro[0] : ro[-1]]
-            self._polys[g] = (int(block.class_ids[p]), block.coords[ro[0] : ro[-1]].copy(), np.diff(ro), flags)
+            r0, r1 = po[p], po[p + 1]
+            c0, c1 = ro[r0], ro[r1]
+            flags = None if shared is None else shared[c0:c1]
+            self._polys[g] = (cls[p], coords[c0:c1].copy(), ring_lens[r0:r1], flags)
             self._parent[g] = g
             self._groups[g] = _Group(g, int(keys[p]))
         return {base | p for p in touching.tolist()}
@@ -522,19 +524,19 @@ def _order_rings(coords: np.ndarray, lens_out: np.ndarray, group_out: np.ndarray
                  n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per group the exterior first, then the holes by start vertex; checks one exterior per group."""
     off = _offsets(lens_out)
-    ring_id = np.repeat(np.arange(len(lens_out)), lens_out)
-    # Signed area per closed ring (its last vertex repeats the first and starts no segment).
-    nxt_v = np.minimum(np.arange(len(coords)) + 1, len(coords) - 1)
-    cross_v = coords[:, 0] * coords[nxt_v, 1] - coords[nxt_v, 0] * coords[:, 1]
-    cross_v[off[1:] - 1] = 0
-    signs = np.bincount(ring_id, weights=cross_v, minlength=len(lens_out))
+    # Signed area per closed ring, exact in int64 (its last vertex repeats the first and starts no segment).
+    x, y = coords[:, 0].astype(np.int64), coords[:, 1].astype(np.int64)
+    cross_v = x[:-1] * y[1:] - x[1:] * y[:-1]
+    cross_v[off[1:-1] - 1] = 0
+    signs = np.add.reduceat(cross_v, off[:-1])
     n_ext = np.bincount(group_out[signs < 0], minlength=n_groups)
     if (n_ext != 1).any() or (signs == 0).any():
         raise RuntimeError(f"seam merge produced {n_ext.max()} exterior rings for a polygon (expected 1): a bug")
-    first_key = (coords[off[:-1], 1] << COORD_BITS) | coords[off[:-1], 0]
+    first_key = (y[off[:-1]] << COORD_BITS) | x[off[:-1]]
     ring_order = np.lexsort((first_key, signs > 0, group_out))  # by group: exterior, then holes by start
-    sel = _ranges(off[ring_order], lens_out[ring_order])
-    return coords[sel].astype(np.int32), lens_out[ring_order], np.bincount(group_out, minlength=n_groups)
+    if not (ring_order == np.arange(len(ring_order))).all():
+        coords = coords[_ranges(off[ring_order], lens_out[ring_order])]
+    return coords.astype(np.int32, copy=False), lens_out[ring_order], np.bincount(group_out, minlength=n_groups)
 
 
 def _surviving_seam_runs(
