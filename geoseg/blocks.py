@@ -164,6 +164,10 @@ def finish_block(plan: ScenePlan, block: Block, result: BlockResult | None, cfg:
     if result.error is not None:
         return result
     try:
+        if not result.from_resume:  # the block's record, for resume (per-pixel work, so here, not in the writer)
+            from geoseg.stitch import save_block_record
+
+            result.sha256 = save_block_record(plan, block.id, result.mask, result.confidence)
         from geoseg.areas import area_units, block_area_counts
 
         # pixel counts per class in the units the scene's area table weighs (the writer adds them up instead of
@@ -174,10 +178,6 @@ def finish_block(plan: ScenePlan, block: Block, result: BlockResult | None, cfg:
         result.class_counts = np.zeros(256, dtype=np.int64)
         for _, _, cls, counts in result.area_counts:
             result.class_counts[cls.astype(np.int64)] += counts.sum(axis=0)
-        if not result.from_resume:  # the block's record, for resume (per-pixel work, so here, not in the writer)
-            from geoseg.stitch import save_block_record
-
-            result.sha256 = save_block_record(plan, block.id, result.mask, result.confidence)
         result = postprocess_block(plan, block, result, cfg.vector)
         if plan.cog_levels and result.error is None:  # compressed here; the writer copies bytes
             from geoseg.write.cog_tiles import block_tiles

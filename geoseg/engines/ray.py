@@ -52,8 +52,7 @@ def init_ray(cfg: JobConfig) -> bool:
         ray.init(address=address, log_to_driver=True)
     else:
         rt = cfg.runtime
-        # Logical CPUs: enough for the actor pool plus read/finish tasks even on a small machine, so the
-        # embedded default can never deadlock with every CPU held by an actor.
+        # Logical CPUs: the actor pool plus read/finish tasks, so an embedded default never deadlocks
         need = rt.workers * rt.cpus_per_worker + rt.writers * rt.cpus_per_writer + 2 * rt.cpus_per_task
         store_mb = rt.object_store_mb
         from geoseg import _reaper
@@ -163,10 +162,9 @@ class InferenceActor:
         self.predictor = None
 
     def _predictor(self, model_box: list):
-        # The model arrives with the first block, as a reference inside a list (not resolved per call), and
-        # loads once. Not a constructor argument: an object-store argument of an actor makes Ray log an
-        # error-level line at its start (ray-project/ray#53727). A replacement for a lost actor loads it from
-        # its first block; the driver holds the reference for the whole job.
+        # The model arrives with the first block, as a reference in a list (not resolved per call), and loads
+        # once. Not a constructor argument: Ray logs an error-level line for an actor's object-store argument
+        # (ray-project/ray#53727). A replacement loads it from its first block (the driver holds the reference).
         if self.predictor is None:
             from geoseg.infer import Predictor
 
@@ -413,8 +411,8 @@ class RayEngine:
         cfg, rt = self.cfg, self.cfg.runtime
         gpus = _gpus_per_worker(cfg)
         _check_resources(cfg, gpus)
-        # No restarts by Ray: a restarting actor holds its queued blocks until it is back, which never happens
-        # when no node has room; the engine sends them to live actors and starts a replacement.
+        # No Ray restarts: a restarting actor holds its blocks until back (never, with no room on any node); the
+        # engine sends them to live actors and starts a replacement.
         self._actor_cls = InferenceActor.options(
             num_cpus=rt.cpus_per_worker, num_gpus=gpus, max_restarts=0, max_task_retries=0,
             runtime_env={"env_vars": _WORKER_ENV},
@@ -571,8 +569,10 @@ class RayEngine:
         return actor.__ray_ready__.remote()
 
     def __exit__(self, *exc) -> None:
-        for ref in self.pending:
+        for ref in (refs := list(self.pending)):
             ray.cancel(ref, force=True, recursive=True)
+        if refs:  # the cancelled tasks end before the job returns: none writes a block record after it
+            ray.wait(refs, num_returns=len(refs), timeout=10)
         self.pending.clear()
         for a in self.actors + self.writer_actors:
             ray.kill(a)
