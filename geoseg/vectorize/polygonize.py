@@ -169,21 +169,22 @@ class BlockPolygons:
 
 
 def shared_vertices(block: BlockPolygons) -> np.ndarray:
-    """Per coordinate of ``block``: True where the vertex (closing vertices excepted) occurs more than once among
-    the block's polygons of its class: pinches within a polygon and diagonal contacts between polygons of one
-    class. Off the seam lines these are the only vertices where pieces of one merged polygon from the same
+    """Per coordinate of ``block``'s polygons on a block side (the others' are False): True where the vertex
+    (closing vertices excepted) occurs more than once among those polygons of its class: pinches within a polygon
+    and diagonal contacts between polygons of one class. Off the seam lines these are the only vertices where pieces of one merged polygon from the same
     block can meet, i.e. where ``SeamMerger`` must cut rings; a worker computes them for the polygons it sends
     to the writer, so the writer need not sort every vertex of the polygons that cross seams."""
     c = block.coords
     out = np.zeros(len(c), dtype=bool)
     if not len(c):
         return out
-    closing = np.zeros(len(c), dtype=bool)
-    closing[block.ring_offsets[1:] - 1] = True
-    ring_cls = np.repeat(block.class_ids.astype(np.int64), np.diff(block.poly_offsets))
-    cls = np.repeat(ring_cls, np.diff(block.ring_offsets))
-    key = (cls << (2 * COORD_BITS)) | (c[:, 1].astype(np.int64) << COORD_BITS) | c[:, 0]
-    out[~closing] = repeated(key[~closing])
+    # only polygons on a block side can reach the merger (the rest are final in their block): sort just theirs
+    ring_n, rings_per = np.diff(block.ring_offsets), np.diff(block.poly_offsets)
+    sel = np.repeat(np.repeat(block.sides != 0, rings_per), ring_n)
+    sel[block.ring_offsets[1:] - 1] = False  # closing vertices repeat their ring's first
+    cls = np.repeat(np.repeat(block.class_ids.astype(np.int64), rings_per), ring_n)[sel]
+    v = c[sel].astype(np.int64)
+    out[sel] = repeated((cls << (2 * COORD_BITS)) | (v[:, 1] << COORD_BITS) | v[:, 0])
     return out
 
 
