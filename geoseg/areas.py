@@ -172,43 +172,11 @@ def mask_class_areas(
         from geoseg.errors import InputError
 
         raise InputError(f"{ds.name}: the mask has no CRS, so its pixels have no ground area")
-    counts = np.zeros(256, dtype=np.int64)
-    area = np.zeros(256, dtype=np.float64)
-    by_row = _is_geographic_north_up(transform, pcrs)
-    if by_row:
-        method = METHOD_ROWS
-    else:
-        method = METHOD_CELLS.format(n=cell_px)
-        strip_rows = cell_px  # one strip = one row of cells
-        cell_area = cell_pixel_areas_m2(transform, pcrs, (rows, cols), cell_px)
-        cell_col = (np.arange(cols) // cell_px).astype(np.int64)
-    for r0 in range(0, rows, strip_rows):
-        h = min(strip_rows, rows - r0)
-        strip = ds.read(1, window=Window(0, r0, cols, h)).astype(np.int64, copy=False)
-        if by_row:
-            idx = np.arange(h, dtype=np.int64)[:, None] * 256 + strip  # (row, class)
-            per = np.bincount(idx.ravel(), minlength=h * 256).reshape(h, 256)
-            counts += per.sum(axis=0)
-            area += row_pixel_areas_m2(transform, pcrs, r0, r0 + h) @ per
-        else:
-            ncc = cell_area.shape[1]
-            idx = cell_col[None, :] * 256 + strip  # (cell col, class)
-            per = np.bincount(idx.ravel(), minlength=ncc * 256).reshape(ncc, 256)
-            counts += per.sum(axis=0)
-            area += cell_area[r0 // cell_px] @ per
-    return _counts_table(area, counts, class_names, nodata, method, pcrs)
-
-
-def _counts_table(area: np.ndarray, counts: np.ndarray, class_names, nodata: int, method: str, pcrs) -> dict:
-    return area_table(
-        {class_label(class_names, c): float(area[c]) for c in range(256) if counts[c] and c != nodata},
-        pixels={class_label(class_names, c): int(counts[c]) for c in range(256) if counts[c] and c != nodata},
-        class_ids={class_label(class_names, c): c for c in range(256) if counts[c] and c != nodata},
-        nodata_pixels=int(counts[nodata]) if 0 <= nodata < 256 else 0,
-        nodata_m2=float(area[nodata]) if 0 <= nodata < 256 else 0.0,
-        method=method,
-        crs=pcrs.to_string(),
-    )
+    counter = ClassAreaCounter(transform, pcrs, (rows, cols), strip_rows=strip_rows, cell_px=cell_px)
+    for r0 in range(0, rows, counter.strip):  # a strip at a time: memory does not grow with the scene
+        strip = ds.read(1, window=Window(0, r0, cols, min(counter.strip, rows - r0)))
+        counter.add(block_area_counts(strip, r0, 0, counter.by_row, counter.strip))
+    return counter.table(class_names, nodata)
 
 
 # ------------------------------------------------------------------ the same table from per-block counts
@@ -252,11 +220,10 @@ def block_area_counts(mask: np.ndarray, row_off: int, col_off: int, by_row: bool
 
 
 class ClassAreaCounter:
-    """``mask_class_areas`` of a mask that arrives as blocks, in any order, from ``block_area_counts`` of each:
-    a strip's area is computed when its last pixel is counted, with the same arrays and operations as the strip
-    read back from the finished mask, and the strips are summed in order at the end, so the table is
-    bit-identical to ``mask_class_areas`` of the written mask (without reading it back). Memory: the strips that
-    are not complete yet."""
+    """The class-area table of a mask that arrives in pieces, in any order, from ``block_area_counts`` of each: a
+    strip's area is computed when its last pixel is counted and the strips are summed in order at the end, so the
+    table is the same bit for bit however the mask was cut (``mask_class_areas`` feeds it the finished mask's
+    strips; a scene's writer its blocks). Memory: the strips that are not complete yet."""
 
     def __init__(self, transform, crs: Any, shape: tuple[int, int], *, strip_rows: int = 256, cell_px: int = 64):
         self.transform, self.pcrs = transform, _pcrs(crs)
@@ -286,7 +253,7 @@ class ClassAreaCounter:
 
     def _fold(self, s: int, per: np.ndarray) -> None:
         r0 = s * self.strip
-        if self.by_row:  # the expressions of mask_class_areas, on the same arrays
+        if self.by_row:
             area = row_pixel_areas_m2(self.transform, self.pcrs, r0, r0 + self._height(s)) @ per
         else:
             area = self.cell_area[r0 // self.strip] @ per
@@ -307,7 +274,16 @@ class ClassAreaCounter:
             a, c = self._done[s]
             counts += c
             area += a
-        return _counts_table(area, counts, class_names, nodata, self.method, self.pcrs)
+        valid = [c for c in range(256) if counts[c] and c != nodata]
+        return area_table(
+            {class_label(class_names, c): float(area[c]) for c in valid},
+            pixels={class_label(class_names, c): int(counts[c]) for c in valid},
+            class_ids={class_label(class_names, c): c for c in valid},
+            nodata_pixels=int(counts[nodata]) if 0 <= nodata < 256 else 0,
+            nodata_m2=float(area[nodata]) if 0 <= nodata < 256 else 0.0,
+            method=self.method,
+            crs=self.pcrs.to_string(),
+        )
 
 
 def geometry_areas_m2(geoms: np.ndarray, crs: Any, *, densify: float | None = None) -> np.ndarray:
