@@ -205,9 +205,8 @@ def _planar_perimeters(polys: PolygonSet, transform: Affine) -> np.ndarray:
 def _geographic_measures(polys: PolygonSet, transform: Affine, geod) -> tuple[np.ndarray, np.ndarray]:
     """(ellipsoidal area, geodesic perimeter) of pixel-aligned polygons on a north-up geographic grid, from the
     grid's per-row tables (``geoseg.vectorize.geodesic.edge_measures``). Edges are consecutive coordinates: no
-    gather of segment indices. The area is exact for cells
-    bounded by parallels and meridians (Green's theorem on the cell grid); the perimeter sums geodesic edge
-    lengths (exterior and holes)."""
+    gather of segment indices. The area is exact for cells bounded by parallels and meridians (Green's theorem on
+    the cell grid); the perimeter sums geodesic edge lengths (exterior and holes)."""
     if not len(polys):
         return np.zeros(0), np.zeros(0)
     x, y = polys.coords[:, 0], polys.coords[:, 1]

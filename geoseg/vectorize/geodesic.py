@@ -25,7 +25,7 @@ from collections import OrderedDict
 import numpy as np
 from affine import Affine
 
-__all__ = ["edge_measures", "ellipsoid_q", "geodesic_perimeters", "SERIES_MAX_RAD"]
+__all__ = ["edge_measures", "ellipsoid_q", "SERIES_MAX_RAD"]
 
 SERIES_MAX_RAD = 0.005  # longest parallel edge (radians of longitude) measured by the series
 _CHUNK = 1024  # row lines per cached chunk
@@ -124,10 +124,3 @@ def edge_measures(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray
         _, _, s = geod.inv(np.zeros_like(lat), lat, abs(transform.a) * cols.astype(np.float64), lat)
         lengths[long] = np.asarray(s, dtype=np.float64)[inv.ravel()]
     return lengths, terms
-
-
-def geodesic_perimeters(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray, seg_poly: np.ndarray,
-                        n_polys: int, transform: Affine, geod) -> np.ndarray:
-    """Per polygon, the sum of the geodesic lengths of its edges (``edge_measures``; ``seg_poly`` the polygon of
-    each edge)."""
-    return np.bincount(seg_poly, weights=edge_measures(x0, y0, x1, y1, transform, geod)[0], minlength=n_polys)

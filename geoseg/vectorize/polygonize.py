@@ -171,9 +171,10 @@ class BlockPolygons:
 def shared_vertices(block: BlockPolygons) -> np.ndarray:
     """Per coordinate of ``block``'s polygons on a block side (the others' are False): True where the vertex
     (closing vertices excepted) occurs more than once among those polygons of its class: pinches within a polygon
-    and diagonal contacts between polygons of one class. Off the seam lines these are the only vertices where pieces of one merged polygon from the same
-    block can meet, i.e. where ``SeamMerger`` must cut rings; a worker computes them for the polygons it sends
-    to the writer, so the writer need not sort every vertex of the polygons that cross seams."""
+    and diagonal contacts between polygons of one class. Off the seam lines these are the only vertices where
+    pieces of one merged polygon from the same block can meet, i.e. where ``SeamMerger`` must cut rings; a worker
+    computes them for the polygons it sends to the writer, so the writer need not sort every vertex of the
+    polygons that cross seams."""
     c = block.coords
     out = np.zeros(len(c), dtype=bool)
     if not len(c):

@@ -19,8 +19,8 @@ from geoseg._ragged import offsets as _offsets
 from geoseg._ragged import take as take_ragged
 from geoseg.errors import InputError, OutputError, write_failure
 
-__all__ = ["FeatureBatch", "VectorWriter", "wkb_polygons", "hilbert_index", "arrow_column", "col_list", "concat_col",
-           "take_col", "FORMATS"]
+__all__ = ["FeatureBatch", "VectorWriter", "wkb_polygons", "binary_array", "hilbert_index", "arrow_column", "col_list",
+           "concat_col", "take_col", "FORMATS"]
 
 
 FORMATS = ("parquet", "gpkg", "geojson", "geojsonseq")
@@ -153,8 +153,14 @@ def wkb_polygons(coords: np.ndarray, ring_offsets: np.ndarray, poly_offsets: np.
     dst = memoryview(data)
     for d, s, n in zip((ring_hdr + 4).tolist(), (16 * ring_offsets[:-1]).tolist(), (16 * ring_n).tolist()):
         dst[d : d + n] = src[s : s + n]
+    return binary_array(offsets, data)
+
+
+def binary_array(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
+    """An Arrow binary array (large_binary past 2 GiB) over ``data`` (uint8) cut at ``offsets`` (n + 1), no
+    nulls, no copy."""
     large = offsets[-1] >= 2**31
-    return pa.Array.from_buffers(pa.large_binary() if large else pa.binary(), n_poly,
+    return pa.Array.from_buffers(pa.large_binary() if large else pa.binary(), len(offsets) - 1,
                                  [None, pa.py_buffer(offsets.astype(np.int64 if large else np.int32)),
                                   pa.py_buffer(data)])
 

@@ -45,24 +45,14 @@ class GeoJSONWriter(VectorWriter):
             self._fh.write('{"type":"FeatureCollection","features":[\n')
 
     def _lonlat(self, geoms: np.ndarray) -> np.ndarray:
-        dec = self.decimals
-        tr = self._transformer
-
-        def fn(xy: np.ndarray) -> np.ndarray:
-            if tr is not None:
-                x, y = tr.transform(xy[:, 0], xy[:, 1])
-                xy = np.column_stack([x, y])
-            return np.round(xy, dec)
-
-        out = shapely.transform(geoms, fn)
+        out = shapely.transform(geoms, self._lonlat_coords)
         return shapely.orient_polygons(out, exterior_cw=False)
 
-    def _lonlat_ragged(self, coords: np.ndarray) -> np.ndarray:
-        """Ragged polygon coordinates to rounded lon/lat (``_lonlat`` on the arrays: no geometry objects; the
-        rings are oriented by ``_ragged_geometries``)."""
-        xy = coords
+    def _lonlat_coords(self, xy: np.ndarray) -> np.ndarray:
+        """(N, 2) coordinates to lon/lat rounded to ``decimals`` (for shapely geometries and ragged arrays alike;
+        the latter's rings are oriented by ``_ragged_geometries``)."""
         if self._transformer is not None:
-            x, y = self._transformer.transform(coords[:, 0], coords[:, 1])
+            x, y = self._transformer.transform(xy[:, 0], xy[:, 1])
             xy = np.column_stack([x, y])
         return np.round(xy, self.decimals)
 
@@ -70,7 +60,7 @@ class GeoJSONWriter(VectorWriter):
         ragged = batch._ragged
         if ragged is not None:
             coords, ring_off, poly_off = ragged
-            geo = _ragged_geometries(self._lonlat_ragged(coords), ring_off, poly_off)
+            geo = _ragged_geometries(self._lonlat_coords(coords), ring_off, poly_off)
         else:
             geo = _geojson_geometries(self._lonlat(batch.geometry))
         names = list(batch.columns)

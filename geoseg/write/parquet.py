@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geoseg.conventions import to_pyproj
-from geoseg.write.features import FeatureBatch, VectorWriter, arrow_column, concat_col, hilbert_index, take_col
+from geoseg.write.features import (FeatureBatch, VectorWriter, arrow_column, binary_array, concat_col, hilbert_index,
+                                   take_col)
 
 __all__ = ["GeoParquetWriter"]
 
@@ -42,7 +43,7 @@ class GeoParquetWriter(VectorWriter):
         self.row_group_rows = int(row_group_rows)
         self.row_group_bytes = int(row_group_bytes)  # large polygons: a row group per ~32 MiB of WKB
         self.compression = compression
-        self._buf: list[FeatureBatch] = []
+        self._buf: list[_Encoded] = []
         self._buf_rows = 0
         self._writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
@@ -88,11 +89,9 @@ class GeoParquetWriter(VectorWriter):
         ids = columns.get("polygon_id")
         # ties (e.g. an island and the ring around it share a bbox centre) by polygon_id: a canonical order
         order = np.lexsort((np.asarray(ids)[:k], h)) if ids is not None else np.argsort(h, kind="stable")
-        # the WKB is copied once, straight into the row group's order (no concatenation, then take)
-        batch = _Encoded(_gather_binary(wkbs, order), bounds[order], {c: take_col(v, order) for c, v in columns.items()})
-        bounds = batch.bounds
-        arrays = {k: arrow_column(v) for k, v in batch.columns.items()}
-        arrays["geometry"] = batch.wkb
+        bounds = bounds[order]
+        arrays = {c: arrow_column(take_col(v, order)) for c, v in columns.items()}
+        arrays["geometry"] = _gather_binary(wkbs, order)  # copied once, straight into the row group's order
         arrays["bbox"] = pa.StructArray.from_arrays(
             [pa.array(bounds[:, i], type=pa.float64()) for i in range(4)], names=["xmin", "ymin", "xmax", "ymax"]
         )
@@ -177,7 +176,4 @@ def _gather_binary(arrays: list[pa.Array], rows: np.ndarray) -> pa.Array:
     dst = memoryview(out)
     for d, st, sz, p in zip(out_off[:-1].tolist(), starts.tolist(), sizes.tolist(), part.tolist()):
         dst[d : d + sz] = datas[p][st : st + sz]
-    large = out_off[-1] >= 2**31
-    return pa.Array.from_buffers(pa.large_binary() if large else pa.binary(), len(rows),
-                                 [None, pa.py_buffer(out_off.astype(np.int64 if large else np.int32)),
-                                  pa.py_buffer(out)])
+    return binary_array(out_off, out)
