@@ -201,10 +201,10 @@ def _finish(plan: ScenePlan, row: int, col: int, result: BlockResult | None,
     return out.error, out
 
 
-# One malloc arena: torch's intra-op threads otherwise each keep an arena whose freed activation buffers of every
-# tile shape seen stay resident, so the actor's peak crept up with the run's length. Not an mmap threshold:
-# unmapping every activation made each forward pass slower (page faults). Numbers: benchmarks/README.md.
-_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+# One malloc arena: torch's intra-op threads each kept an arena of freed activations (peak crept up with run length;
+# an mmap threshold instead made forward passes page-fault). Arrow's jemalloc: its default (mimalloc) unmaps a
+# Parquet row group's buffers and faults them in again, 2x the writer's Parquet time. Numbers: benchmarks/README.md.
+_WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "ARROW_DEFAULT_MEMORY_POOL": "jemalloc"}
 
 
 def _gpus_per_worker(cfg: JobConfig) -> float:

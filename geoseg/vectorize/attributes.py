@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -153,7 +154,7 @@ def polygon_table(
         else:
             area = shapely.area(geoms) * k * k
             perim = shapely.length(geoms) * k
-    names = [class_label(class_names, c) for c in range(256)]
+    names = _class_labels(tuple(class_names))
     if arrow_strings:
         import pyarrow as pa
 
@@ -177,6 +178,12 @@ def polygon_table(
         "model": const(model),
         "model_version": const(model_version),
     }
+
+
+@functools.lru_cache(maxsize=16)
+def _class_labels(class_names: tuple[str, ...]) -> list[str]:
+    """Every class id's label (the writers call ``polygon_table`` per batch)."""
+    return [class_label(class_names, c) for c in range(256)]
 
 
 def _pixel_areas(polys: PolygonSet) -> np.ndarray:

@@ -17,7 +17,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from geoseg.conventions import CLASS_NAMES_TAG
+from geoseg.conventions import CLASS_NAMES_TAG, to_pyproj
 from geoseg.errors import InputError, OutputError
 from geoseg.vectorize.attributes import polygon_table, resolve_classes, scene_extent, simplify_tolerance
 from geoseg.vectorize.polygonize import BlockPolygons, PolygonSet
@@ -143,7 +143,7 @@ class PolygonSink:
 
         self.shape = (int(shape[0]), int(shape[1]))
         self.transform = transform
-        self.crs = crs
+        self.crs = to_pyproj(crs)  # once: polygon_table would parse a rasterio CRS's WKT on every batch
         self.cfg = cfg
         self.class_names = list(class_names)
         self.meta = dict(scene=scene, model=model, model_version=model_version)
