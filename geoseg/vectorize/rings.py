@@ -1,13 +1,19 @@
 """Merging a group's rings across seams (``merge_groups``): the exact-ring half of ``geoseg.vectorize.seams``.
 
-Cut each ring at vertices on seam lines or shared by several rings of its group, cancel the seam unit edges
-present in both directions, re-chain the pieces with GDAL's right-turn rule at pinches, drop the collinear
-vertices the cuts left, start each ring at its lowest (row, col) vertex, exterior first.
+Each ring is cut at its vertices on seam lines and at vertices several rings of its group share (pinches), the
+seam unit edges present in both directions are cancelled, and the pieces are re-chained with GDAL's right-turn
+rule at pinches. The merged rings then drop the collinear vertices the cuts left and start at their lowest
+(row, col) vertex, exterior first, as one polygonize of the whole mask would give them.
+
+Cost. The seam polygons are few but large (in a 268 MP benchmark, 2.4% of polygons held 40% of all vertices), so
+everything per vertex is kept to a few passes: the cut flags, one minimum per piece and one final gather. The
+rest works per piece: pieces are index ranges into the input, whose inner vertices are never touched. A vertex is
+handled as one int64 key (its (x, y) int32 pair read as one integer), which orders vertices by (row, col).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
 
 import numpy as np
 
@@ -26,123 +32,137 @@ def merge_groups(
     """Rings (closed, GDAL orientation) of connected groups of block polygons -> each group's merged polygon.
     ``shared``: the blocks' ``BlockPolygons.shared`` flags of the coordinates, if every block sent them.
 
-    Per group: cut the rings at every vertex on a seam line or shared by several rings, cancel the seam unit
-    edges present in both directions (``_cut_rings``), re-chain the pieces with GDAL's pinch rule (turn right)
-    and drop collinear vertices (``_rechain``), start each ring at its lowest (row, col) vertex and order
-    them (``_order_rings``). Vectorized over all groups at once (keys carry the group); only the walk around
-    the re-chained rings is a Python loop.
-
-    Returns (closed ring coords, ring lengths, rings per group); per group the exterior first, then the holes
-    by start vertex.
+    Returns (closed ring coords (int32), ring lengths, rings per group); per group the exterior first, then the
+    holes by start vertex.
     """
+    coords = np.ascontiguousarray(ring_coords, dtype=np.int32)
     ring_lens = np.asarray(ring_lens, dtype=np.int64)
     ring_group = np.asarray(ring_group, dtype=np.int64)
-    pieces, whole = _cut_rings(ring_coords, ring_lens, ring_group, vseams, hseams, shared)
-    out_coords: list[np.ndarray] = []
-    out_lens: list[np.ndarray] = []
-    out_group: list[np.ndarray] = []
-    if pieces.count:
-        coords, lens_c, group_c = _rechain(pieces)
-        out_coords.append(coords)
-        out_lens.append(lens_c)
-        out_group.append(group_c)
-    if len(whole):  # rings with no cut vertex are kept as they are
-        closed_off = _offsets(ring_lens)
-        out_coords.append(ring_coords[_ranges(closed_off[whole], ring_lens[whole])].astype(np.int64))
-        out_lens.append(ring_lens[whole])
-        out_group.append(ring_group[whole])
-    return _order_rings(np.concatenate(out_coords), np.concatenate(out_lens), np.concatenate(out_group), n_groups)
-
-
-@dataclass
-class _Pieces:
-    """Ring pieces after cutting: arcs (index ranges into ``vertices``) then surviving seam runs (two points
-    each, appended to ``vertices``); for each, its group, end points and first / last step directions."""
-
-    vertices: np.ndarray
-    group: np.ndarray
-    start_pt: np.ndarray
-    end_pt: np.ndarray
-    first_dir: np.ndarray
-    last_dir: np.ndarray
-    base: np.ndarray
-    start: np.ndarray
-    length: np.ndarray
-    modulo: np.ndarray
-
-    @property
-    def count(self) -> int:
-        return len(self.group)
-
-
-def _cut_rings(ring_coords: np.ndarray, ring_lens: np.ndarray, ring_group: np.ndarray, vseams: np.ndarray,
-               hseams: np.ndarray, shared: np.ndarray | None = None) -> tuple[_Pieces, np.ndarray]:
-    """Cut every ring at seam vertices and at vertices several rings of its group share; drop the seam unit
-    edges present in both directions. Returns the pieces and the indices of rings with no cut."""
-    n_in = len(ring_lens)
-    closed_off = _offsets(ring_lens)
-    is_closing = np.zeros(len(ring_coords), dtype=bool)
-    is_closing[closed_off[1:] - 1] = True
-    V = ring_coords[~is_closing].astype(np.int64)  # open rings
-    lens = ring_lens - 1
-    roff = _offsets(lens)
-    onv = _on_lines(V[:, 0], vseams)
-    onh = _on_lines(V[:, 1], hseams)
+    off = _offsets(ring_lens)
+    closing = off[1:] - 1
+    keys = _vertex_keys(coords)
+    cut = _on_lines(coords[:, 0], vseams)
+    cut |= _on_lines(coords[:, 1], hseams)
     # Vertices several rings of a group pass through are pinches whose pairing the blocks may have decided
     # differently (with 4-connectivity, diagonal pixels that only the merge connects): cut and re-pair them.
-    # Off the seams such a vertex is one its block flagged (``shared``); else find them by sorting.
-    if shared is None:
-        shared = repeated((np.repeat(ring_group, lens) << (2 * COORD_BITS)) | (V[:, 1] << COORD_BITS) | V[:, 0])
-    else:
-        shared = shared[~is_closing]
-    # Pieces: from each cut vertex to the next one of its ring (cyclically), ``n_seg`` segments long. Per-vertex
-    # arrays are only the flags: ring, position and successor are computed at the cut vertices alone.
-    ci = np.flatnonzero(onv | onh | shared)
-    cr = np.searchsorted(roff, ci, side="right") - 1
-    cs = ci - roff[cr]
-    whole = np.flatnonzero(np.bincount(cr, minlength=n_in) == 0)
-    first = np.concatenate([[True], cr[1:] != cr[:-1]])
+    # Off the seams such a vertex is one its block flagged (``shared``); else they are found by sorting.
+    cut |= _shared_in_group(coords, off, ring_group) if shared is None else shared
+    cut[closing] = False
+    ci = np.flatnonzero(cut)
+    cr = np.searchsorted(off, ci, side="right") - 1
+    whole = np.flatnonzero(np.bincount(cr, minlength=len(ring_lens)) == 0)
+    pieces, run_keys = _cut(coords, off, ring_lens - 1, ring_group, ci, cr, vseams, hseams)
+    # the keys of every vertex a piece can start at, then a sentinel (``_segment_min`` reads one past the end)
+    keys = np.concatenate([keys, run_keys, [np.iinfo(np.int64).max]])
+    seg_start, seg_count, seg_ring, ring_key, ring_grp = [], [], [], [], []
+    if len(pieces.group):
+        walk, cycle_len = _chain(pieces)
+        sub = _subpieces(pieces, walk, cycle_len)
+        s0, s1, s2, rk = _rotated_segments(keys, *sub)
+        seg_start.append(s0), seg_count.append(s1), seg_ring.append(s2), ring_key.append(rk)
+        ring_grp.append(pieces.group[walk[_offsets(cycle_len)[:-1]]])
+    if len(whole):  # rings with no cut vertex are kept as they are (GDAL started them at their lowest vertex)
+        n_before = sum(len(r) for r in ring_key)
+        seg_start.append(off[whole]), seg_count.append(ring_lens[whole])
+        seg_ring.append(n_before + np.arange(len(whole))), ring_key.append(keys[off[whole]])
+        ring_grp.append(ring_group[whole])
+    starts, counts, seg_r = np.concatenate(seg_start), np.concatenate(seg_count), np.concatenate(seg_ring)
+    rkey, rgroup = np.concatenate(ring_key), np.concatenate(ring_grp)
+    # Per group, the exterior first: its lowest vertex is the group's lowest (holes lie strictly below its top
+    # row); then the holes by their start vertex.
+    ring_order = np.lexsort((rkey, rgroup))
+    rank = np.empty_like(ring_order)
+    rank[ring_order] = np.arange(len(ring_order))
+    seg_order = np.argsort(rank[seg_r], kind="stable")  # segments stay in ring order within a ring
+    ring_len = np.bincount(rank[seg_r], weights=counts, minlength=len(ring_order)).astype(np.int64)
+    out = keys[_ranges(starts[seg_order], counts[seg_order])]
+    return _coords_from_keys(out), ring_len, np.bincount(rgroup, minlength=n_groups)
+
+
+def _vertex_keys(coords: np.ndarray) -> np.ndarray:
+    """One int64 per (x, y) int32 vertex, ordered by (y, x): the pair itself on little-endian machines."""
+    if sys.byteorder == "little":
+        return coords.view(np.int64).reshape(-1)
+    return coords[:, 0].astype(np.int64) | (coords[:, 1].astype(np.int64) << 32)
+
+
+def _keys_of(xy: np.ndarray) -> np.ndarray:
+    """``_vertex_keys`` of (n, 2) int64 points."""
+    return xy[:, 0] | (xy[:, 1] << 32)
+
+
+def _coords_from_keys(keys: np.ndarray) -> np.ndarray:
+    if sys.byteorder == "little":
+        return keys.view(np.int32).reshape(-1, 2)
+    return np.column_stack([keys & 0xFFFFFFFF, keys >> 32]).astype(np.int32)
+
+
+def _shared_in_group(coords: np.ndarray, off: np.ndarray, ring_group: np.ndarray) -> np.ndarray:
+    """Vertices that occur more than once among the open rings of their group."""
+    n = len(coords)
+    is_open = np.ones(n, dtype=bool)
+    is_open[off[1:] - 1] = False
+    v = coords[is_open].astype(np.int64)
+    g = np.repeat(ring_group, np.diff(off) - 1)
+    out = np.zeros(n, dtype=bool)
+    out[is_open] = repeated((g << (2 * COORD_BITS)) | (v[:, 1] << COORD_BITS) | v[:, 0])
+    return out
+
+
+class _Pieces:
+    """Ring pieces: arcs of input rings (own vertices: positions ``start`` .. ``start + count - 1`` of ring
+    ``ring``, cyclically; the end vertex is the next piece's start), then surviving seam runs (one own vertex,
+    the run's start, at ``n + i`` in the key array). Per piece: group, end points, first and last step."""
+
+    def __init__(self, **arrays: np.ndarray):
+        self.__dict__.update(arrays)
+
+
+def _cut(coords: np.ndarray, off: np.ndarray, open_lens: np.ndarray, ring_group: np.ndarray, ci: np.ndarray,
+         cr: np.ndarray, vseams: np.ndarray, hseams: np.ndarray) -> tuple[_Pieces, np.ndarray]:
+    """Pieces from the cut vertices ``ci`` (ascending, of rings ``cr``); seam unit edges present in both
+    directions dropped, the rest rejoined into runs. Returns (pieces, the runs' start keys)."""
+    cs = ci - off[cr]
+    first = np.r_[True, cr[1:] != cr[:-1]]
     ring_first = np.flatnonzero(first)[np.cumsum(first) - 1]
-    last = np.concatenate([first[1:], [True]])
+    last = np.r_[first[1:], True]
     nxt_cut = np.empty_like(cs)
     nxt_cut[~last] = cs[1:][~last[:-1]]
-    nxt_cut[last] = cs[ring_first[last]] + lens[cr[last]]
+    nxt_cut[last] = cs[ring_first[last]] + open_lens[cr[last]]
     n_seg = nxt_cut - cs
-    q_idx = np.where(cs + 1 == lens[cr], roff[cr], ci + 1)  # a ring's last vertex is followed by its first
-    P, Q = V[ci], V[q_idx]
-    seam = (n_seg == 1) & (((P[:, 0] == Q[:, 0]) & onv[ci]) | ((P[:, 1] == Q[:, 1]) & onh[ci]))
+    # a closed ring's next coordinate after its last open vertex is its first: ci + 1 needs no wrap
+    P, Q = coords[ci].astype(np.int64), coords[ci + 1].astype(np.int64)
+    seam = (n_seg == 1) & (((P[:, 0] == Q[:, 0]) & _on_lines(P[:, 0], vseams))
+                           | ((P[:, 1] == Q[:, 1]) & _on_lines(P[:, 1], hseams)))
     arc = ~seam
     a_ring, a_start, a_len = cr[arc], cs[arc], n_seg[arc]
-    a_end_idx = roff[a_ring] + (a_start + a_len) % lens[a_ring]
-    a_last_idx = roff[a_ring] + (a_start + a_len - 1) % lens[a_ring]
+    lens = open_lens[a_ring]
+    end_pos = a_start + a_len
+    end_pos -= np.where(end_pos >= lens, lens, 0)
+    last_pos = end_pos - 1
+    last_pos += np.where(last_pos < 0, lens, 0)
+    end_pt = coords[off[a_ring] + end_pos].astype(np.int64)
+    last_pt = coords[off[a_ring] + last_pos].astype(np.int64)
     run_s, run_e, run_g = _surviving_seam_runs(P[seam], Q[seam], ring_group[cr[seam]])
-    n_run = len(run_s)
-    pieces = _Pieces(
-        vertices=np.concatenate([V, run_s]),
+    n_run, n = len(run_s), len(coords)
+    run_dir = np.sign(run_e - run_s)
+    return _Pieces(
         group=np.concatenate([ring_group[a_ring], run_g]),
-        start_pt=np.concatenate([V[ci[arc]], run_s]),
-        end_pt=np.concatenate([V[a_end_idx], run_e]),
-        first_dir=np.concatenate([np.sign(V[q_idx[arc]] - V[ci[arc]]), np.sign(run_e - run_s)]),
-        last_dir=np.concatenate([np.sign(V[a_end_idx] - V[a_last_idx]), np.sign(run_e - run_s)]),
-        base=np.concatenate([roff[a_ring], len(V) + np.arange(n_run)]),
+        start_pt=np.concatenate([P[arc], run_s]),
+        end_pt=np.concatenate([end_pt, run_e]),
+        first_dir=np.concatenate([np.sign(Q[arc] - P[arc]), run_dir]),
+        last_dir=np.concatenate([np.sign(end_pt - last_pt), run_dir]),
+        base=np.concatenate([off[a_ring], n + np.arange(n_run)]),  # where the ring's (or run's) keys start
         start=np.concatenate([a_start, np.zeros(n_run, np.int64)]),
-        length=np.concatenate([a_len, np.ones(n_run, np.int64)]),
-        modulo=np.concatenate([lens[a_ring], np.ones(n_run, np.int64)]),
-    )
-    return pieces, whole
+        count=np.concatenate([a_len, np.ones(n_run, np.int64)]),
+        modulo=np.concatenate([lens, np.ones(n_run, np.int64)]),
+    ), _keys_of(run_s)
 
 
-def _on_lines(v: np.ndarray, lines: np.ndarray) -> np.ndarray:
-    """``np.isin(v, lines)`` for non-negative coordinates: one lookup instead of a pass per seam line."""
-    table = np.zeros(max(int(v.max(initial=0)), int(lines.max(initial=0))) + 2, dtype=bool)
-    table[lines] = True
-    return table[v]
-
-
-def _rechain(pc: _Pieces) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _chain(pc: _Pieces) -> tuple[np.ndarray, np.ndarray]:
     """Chain pieces into closed rings: each piece's successor starts where it ends; at a pinch (two such), the
-    right turn. Returns (closed ring coords without collinear vertices, ring lengths, ring groups)."""
-    n_p = pc.count
+    right turn. Returns (the pieces in ring order, ring after ring; pieces per ring)."""
+    n_p = len(pc.group)
     gshift = 2 * COORD_BITS
     skey = (pc.group << gshift) | (pc.start_pt[:, 1] << COORD_BITS) | pc.start_pt[:, 0]
     ekey = (pc.group << gshift) | (pc.end_pt[:, 1] << COORD_BITS) | pc.end_pt[:, 0]
@@ -171,33 +191,86 @@ def _rechain(pc: _Pieces) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if j != i:
             raise RuntimeError("seam merge could not close a ring; this is a bug")
         cycle_len.append(len(walk) - n0)
-    c = np.asarray(walk)
-    ln = pc.length[c]
-    pos = _ranges(pc.start[c], ln)  # each piece's vertices (its end is the next piece's start), wrapping once
-    mod = np.repeat(pc.modulo[c], ln)
-    pos -= np.where(pos >= mod, mod, 0)
-    idx = np.repeat(pc.base[c], ln) + pos
-    coords, lens_c = _clean_rings(pc.vertices, idx, _offsets(ln)[:-1], np.repeat(np.arange(len(cycle_len)), cycle_len))
-    return coords, lens_c, pc.group[c[_offsets(cycle_len)[:-1]]]
+    return np.asarray(walk, dtype=np.int64), np.asarray(cycle_len, dtype=np.int64)
 
 
-def _order_rings(coords: np.ndarray, lens_out: np.ndarray, group_out: np.ndarray,
-                 n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per group the exterior first, then the holes by start vertex; checks one exterior per group."""
-    off = _offsets(lens_out)
-    # Signed area per closed ring, exact in int64 (its last vertex repeats the first and starts no segment).
-    x, y = coords[:, 0].astype(np.int64), coords[:, 1].astype(np.int64)
-    cross_v = x[:-1] * y[1:] - x[1:] * y[:-1]
-    cross_v[off[1:-1] - 1] = 0
-    signs = np.add.reduceat(cross_v, off[:-1])
-    n_ext = np.bincount(group_out[signs < 0], minlength=n_groups)
-    if (n_ext != 1).any() or (signs == 0).any():
-        raise RuntimeError(f"seam merge produced {n_ext.max()} exterior rings for a polygon (expected 1): a bug")
-    first_key = (y[off[:-1]] << COORD_BITS) | x[off[:-1]]
-    ring_order = np.lexsort((first_key, signs > 0, group_out))  # by group: exterior, then holes by start
-    if not (ring_order == np.arange(len(ring_order))).all():
-        coords = coords[_ranges(off[ring_order], lens_out[ring_order])]
-    return coords.astype(np.int32, copy=False), lens_out[ring_order], np.bincount(group_out, minlength=n_groups)
+def _subpieces(pc: _Pieces, walk: np.ndarray, cycle_len: np.ndarray):
+    """The chained pieces as contiguous key segments, in ring order: (starts, counts, ring of each). A piece
+    that wraps past its ring's end is two segments. A joint (a piece's first vertex) where the ring goes
+    straight on is dropped (only joints can be collinear: GDAL's rings have none, and a piece keeps its inner
+    vertices' neighbours)."""
+    cyc_off = _offsets(cycle_len)
+    prev = np.arange(len(walk)) - 1
+    prev[cyc_off[:-1]] = cyc_off[1:] - 1  # a ring's first piece follows its last
+    straight = (pc.last_dir[walk[prev]] == pc.first_dir[walk]).all(axis=1)
+    skip = straight.astype(np.int64)
+    start, count, modulo = pc.start[walk] + skip, pc.count[walk] - skip, pc.modulo[walk]
+    start -= np.where(start >= modulo, modulo, 0)  # a dropped joint at a ring's last position
+    head = np.minimum(count, modulo - start)  # the part before the ring's end, then the wrapped rest
+    ring = np.repeat(np.arange(len(cycle_len)), cycle_len)
+    base = pc.base[walk]
+    wraps = np.flatnonzero(count > head)
+    starts = np.insert(base + start, wraps + 1, base[wraps])
+    counts = np.insert(head, wraps + 1, count[wraps] - head[wraps])
+    return starts, counts, np.insert(ring, wraps + 1, ring[wraps])
+
+
+def _rotated_segments(keys: np.ndarray, starts: np.ndarray, counts: np.ndarray, ring: np.ndarray):
+    """Each ring's segments rotated to start at its lowest vertex and closed: (segment starts, counts, ring of
+    each, ring order within a ring kept; each ring's lowest key)."""
+    n_rings = int(ring[-1]) + 1
+    nonempty = np.flatnonzero(counts > 0)
+    smin = np.full(len(starts), np.iinfo(np.int64).max)
+    smin[nonempty] = _segment_min(keys, starts[nonempty], counts[nonempty])
+    seg_off = np.flatnonzero(np.r_[True, ring[1:] != ring[:-1]])
+    rmin = np.minimum.reduceat(smin, seg_off)
+    chosen = np.flatnonzero(smin == rmin[ring])  # the lowest vertex is no pinch: in one segment of its ring
+    if len(chosen) != n_rings:
+        raise RuntimeError("seam merge found no single lowest vertex of a ring; this is a bug")
+    at = _find_in_segments(keys, starts[chosen], counts[chosen], rmin)
+    # ranks in the ring: the chosen segment's tail first, the others in order after it, its head, the closing
+    seg_n = np.diff(np.r_[seg_off, len(starts)])
+    rank = np.arange(len(starts)) - np.repeat(chosen, seg_n)
+    rank += np.where(rank < 0, np.repeat(seg_n, seg_n), 0)
+    s, c = starts.copy(), counts.copy()
+    s[chosen] += at
+    c[chosen] -= at
+    all_s = np.concatenate([s, starts[chosen], starts[chosen] + at])
+    all_c = np.concatenate([c, at, np.ones(n_rings, np.int64)])
+    all_ring = np.concatenate([ring, np.arange(n_rings), np.arange(n_rings)])
+    all_rank = np.concatenate([rank, seg_n, seg_n + 1])
+    order = np.lexsort((all_rank, all_ring))
+    return all_s[order], all_c[order], all_ring[order], rmin
+
+
+def _segment_min(keys: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Minimum of ``keys[s : s + c]`` per (disjoint, non-empty) segment; ``keys`` ends with a sentinel past
+    every segment. One ``reduceat`` over the segments in address order (the gaps between them cost one pass)."""
+    order = np.argsort(starts, kind="stable")
+    idx = np.empty(2 * len(order), dtype=np.int64)
+    idx[0::2] = starts[order]
+    idx[1::2] = starts[order] + counts[order]
+    out = np.empty(len(order), dtype=np.int64)
+    out[order] = np.minimum.reduceat(keys, idx)[0::2]
+    return out
+
+
+def _find_in_segments(keys: np.ndarray, starts: np.ndarray, counts: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Position in each segment of its target key (which occurs there exactly once)."""
+    idx = _ranges(starts, counts)
+    hit = np.flatnonzero(keys[idx] == np.repeat(targets, counts))
+    seg_off = _offsets(counts)
+    seg = np.searchsorted(seg_off, hit, side="right") - 1
+    out = np.zeros(len(starts), dtype=np.int64)
+    out[seg] = hit - seg_off[seg]
+    return out
+
+
+def _on_lines(v: np.ndarray, lines: np.ndarray) -> np.ndarray:
+    """``np.isin(v, lines)`` for non-negative coordinates: one lookup instead of a pass per seam line."""
+    table = np.zeros(max(int(v.max(initial=0)), int(lines.max(initial=0))) + 2, dtype=bool)
+    table[lines] = True
+    return table[v]
 
 
 def _surviving_seam_runs(
@@ -226,36 +299,3 @@ def _surviving_seam_runs(
     run_start = alive & (first | ~prev_alive)
     run_end = alive & (last | ~next_alive)
     return a[run_start], b[run_end], group[seg_id[run_start]]
-
-
-def _clean_rings(vertices: np.ndarray, idx: np.ndarray, joints: np.ndarray,
-                 joint_ring: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Open rings given as indices ``idx`` into ``vertices``, ring after ring; ``joints`` are the positions in
-    ``idx`` where a piece starts (ascending), ``joint_ring`` their ring. Drops collinear vertices, starts each
-    ring at its lowest (row, col) vertex and closes it. Only joints can be collinear (GDAL's rings have no
-    collinear vertex, and a piece keeps its inner vertices' neighbours), so only they are tested. Returns (closed
-    coords, ring lengths)."""
-    ring_first = np.flatnonzero(np.r_[True, joint_ring[1:] != joint_ring[:-1]])  # a ring's first joint
-    ring_start = joints[ring_first]
-    ring_end = np.r_[ring_start[1:], len(idx)]
-    prev = joints - 1
-    prev[ring_first] = ring_end - 1
-    nxt = joints + 1
-    at_end = nxt == ring_end[joint_ring]
-    nxt[at_end] = ring_start[joint_ring[at_end]]
-    v, p, n = vertices[idx[joints]], vertices[idx[prev]], vertices[idx[nxt]]
-    keep = np.ones(len(idx), dtype=bool)
-    keep[joints] = (np.sign(v - p) != np.sign(n - v)).any(axis=1)
-    counts = np.add.reduceat(keep, ring_start).astype(np.int64) if len(idx) else np.zeros(0, np.int64)
-    idx = idx[keep]
-    off = _offsets(counts)
-    # Rotate each ring to its lowest (row, col) vertex; it is never a pinch, so it occurs once per ring.
-    key = (vertices[idx, 1] << COORD_BITS) | vertices[idx, 0]
-    low = np.minimum.reduceat(key, off[:-1])
-    start = np.flatnonzero(key == np.repeat(low, counts)) - off[:-1]
-    # closed ring r: positions 0..n_r, source off[r] + (start[r] + j) mod n_r
-    n_closed = counts + 1
-    src = _ranges(off[:-1] + start, n_closed)
-    ends = np.repeat(off[1:], n_closed)
-    src -= np.where(src >= ends, np.repeat(counts, n_closed), 0)
-    return vertices[idx[src]], n_closed
