@@ -484,3 +484,17 @@ def test_write_slices_do_not_change_files(strata_tif, tmp_path):
     assert whole.polygons == sliced.polygons > 7
     for a, b in zip(sorted(whole), sorted(sliced)):
         assert Path(a).read_bytes() == Path(b).read_bytes(), Path(a).name
+
+
+def test_map_bounds_equal_bounds_of_mapped_coords(strata):
+    """``PolygonSet.map_bounds`` (integer extremes, then the transform) is bit-identical to the bounds of the
+    mapped coordinates for north-up grids of either axis direction, and declines a rotated grid."""
+    mask, _ = strata
+    polys = polygonize_array(mask[:200, :300], connectivity=4)
+    starts = polys.ring_offsets[polys.poly_offsets[:-1]]
+    for t in (Affine(28.5, 0, 630000.3, 0, -28.5, 228000.7), Affine(-0.001, 0, 12.34, 0, 0.002, -5.6)):
+        xy = polys.map_coords(t)
+        want = np.column_stack([np.minimum.reduceat(xy[:, 0], starts), np.minimum.reduceat(xy[:, 1], starts),
+                                np.maximum.reduceat(xy[:, 0], starts), np.maximum.reduceat(xy[:, 1], starts)])
+        assert np.array_equal(polys.map_bounds(t), want)
+    assert polys.map_bounds(Affine(1, 0.5, 0, 0.5, -1, 0)) is None

@@ -91,7 +91,8 @@ def write_block_parts(polys: PolygonSet, parts_dir: str, name: str, *, vector_cf
     polys = polys.take(np.argsort(polys.polygon_ids, kind="stable"))
     cols = polygon_table(polys, None, transform=transform, crs=crs, class_names=list(class_names), scene=scene,
                          model=model, model_version=model_version, pixel_exact=True, arrow_strings=True)
-    batch = FeatureBatch.from_ragged(polys.map_coords(transform), polys.ring_offsets, polys.poly_offsets, cols)
+    batch = FeatureBatch.from_ragged(polys.map_coords(transform), polys.ring_offsets, polys.poly_offsets, cols,
+                                     polys.map_bounds(transform))
     with tempfile.TemporaryDirectory(prefix="geoseg-part-") as tmp:
         for kind in part_kinds(vector_cfg.formats):
             local = Path(tmp) / f"part-{name}.{kind}"

@@ -96,12 +96,37 @@ class PolygonSet:
 
     def map_coords(self, transform: Affine | None) -> np.ndarray:
         """``coords`` through ``transform`` (float64 (N, 2)); pixel coordinates when it is None."""
-        xy = self.coords.astype(np.float64)
         if transform is None:
-            return xy
+            return self.coords.astype(np.float64)
         t = transform
-        x, y = xy[:, 0], xy[:, 1]
-        return np.column_stack([t.a * x + t.b * y + t.c, t.d * x + t.e * y + t.f])
+        x, y = self.coords[:, 0], self.coords[:, 1]
+        out = np.empty((len(x), 2), dtype=np.float64)
+        if t.b == 0 and t.d == 0:  # north-up: two multiply-adds straight into place (the writer maps every vertex)
+            np.multiply(x, t.a, out=out[:, 0])
+            np.multiply(y, t.e, out=out[:, 1])
+            out += (t.c, t.f)
+            return out
+        out[:, 0] = t.a * x + t.b * y + t.c
+        out[:, 1] = t.d * x + t.e * y + t.f
+        return out
+
+    def map_bounds(self, transform: Affine) -> np.ndarray | None:
+        """(n, 4) xmin, ymin, xmax, ymax in map coordinates from the integer pixel extremes (bit-identical to the
+        bounds of ``map_coords``: a north-up transform is monotonic per axis); None for a rotated grid."""
+        t = transform
+        if t.b != 0 or t.d != 0:
+            return None
+        if not len(self):
+            return np.zeros((0, 4))
+        starts = self.ring_offsets[self.poly_offsets[:-1]]  # a polygon's rings are consecutive
+        x, y = self.coords[:, 0], self.coords[:, 1]
+        ext = [np.minimum.reduceat(x, starts), np.maximum.reduceat(x, starts),
+               np.minimum.reduceat(y, starts), np.maximum.reduceat(y, starts)]
+        xs = [e * t.a + t.c for e in ext[:2]]
+        ys = [e * t.e + t.f for e in ext[2:]]
+        xmin, xmax = (xs[0], xs[1]) if t.a >= 0 else (xs[1], xs[0])
+        ymin, ymax = (ys[0], ys[1]) if t.e >= 0 else (ys[1], ys[0])
+        return np.column_stack([xmin, ymin, xmax, ymax])
 
     def to_shapely(self, transform: Affine | None = None) -> np.ndarray:
         """Shapely polygons (object array), in map coordinates through ``transform`` if given."""

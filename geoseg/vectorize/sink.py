@@ -219,7 +219,7 @@ class PolygonSink:
         )
         if geoms is None:  # exact pixel polygons: WKB and bboxes straight from the arrays
             batch = FeatureBatch.from_ragged(polys.map_coords(self.transform), polys.ring_offsets,
-                                             polys.poly_offsets, cols)
+                                             polys.poly_offsets, cols, polys.map_bounds(self.transform))
         else:
             batch = FeatureBatch(geoms, cols)
         for w in self.writers.values():

@@ -46,10 +46,13 @@ class FeatureBatch:
 
     @classmethod
     def from_ragged(cls, coords: np.ndarray, ring_offsets: np.ndarray, poly_offsets: np.ndarray,
-                    columns: dict[str, Any]) -> FeatureBatch:
-        """Polygons as shapely's ``from_ragged_array`` layout: float (N, 2) coords, closed rings."""
-        return cls(None, columns, ragged=(np.ascontiguousarray(coords, dtype=np.float64),
-                                          np.asarray(ring_offsets, np.int64), np.asarray(poly_offsets, np.int64)))
+                    columns: dict[str, Any], bounds: np.ndarray | None = None) -> FeatureBatch:
+        """Polygons as shapely's ``from_ragged_array`` layout: float (N, 2) coords, closed rings; ``bounds``
+        (n, 4) if the caller has them already (else computed from the coordinates when needed)."""
+        batch = cls(None, columns, ragged=(np.ascontiguousarray(coords, dtype=np.float64),
+                                           np.asarray(ring_offsets, np.int64), np.asarray(poly_offsets, np.int64)))
+        batch._bounds = bounds
+        return batch
 
     def __len__(self) -> int:
         return len(self._geometry) if self._geometry is not None else len(self._ragged[2]) - 1
