@@ -1,20 +1,14 @@
 """The Ray engine: the only module that imports ray.
 
-Why Ray Core tasks + an actor pool with explicit backpressure, not Ray Data: the writer of a scene is a
-single consumer in the driver that must know, for every block, its scene, its id and whether it failed
-(with the file and block named), so that failures can be counted against ``runtime.max_failed_blocks``,
-finished blocks recorded for resume, and seams closed as blocks arrive. A bounded window of in-flight blocks
-gives a hard memory bound (``max_in_flight_blocks`` x one block's read array) that does not depend on the
-scene size, and cancelling that window on SIGINT/SIGTERM is immediate (a Ray Data pipeline stopped by SIGINT
-was seen hanging in shutdown). Ray still does what it is good at: placement on GPUs (``num_gpus`` per actor,
-fractional allowed), retries of tasks whose worker or node died (``max_retries``), restarting actors on a
-surviving node (``max_restarts``), lineage reconstruction of lost read results, and moving arrays between
-nodes through the object store (workers read inputs themselves; nothing is shipped through the driver but
-finished block masks).
-
-Per block:  read task (CPU)  ->  InferenceActor.predict (GPU when reserved)  ->  finish task (CPU:
-polygonize)  ->  driver writer. Resumed blocks skip the first two. The read of the next blocks runs while
-the actors compute, so an actor always has a block waiting (``2 x workers + 2`` in flight by default).
+Why Ray Core tasks + an actor pool with explicit backpressure, not Ray Data: the driver must know, for every
+block, its scene, its id and whether it failed (with the file and block named), so that failures are counted
+against ``runtime.max_failed_blocks`` and each result goes to its scene's writer actor, which records finished
+blocks for resume and closes seams as blocks arrive. A bounded window of in-flight blocks gives a hard memory bound
+(``max_in_flight_blocks`` x one block's read array) that does not depend on the scene size, and cancelling that
+window on SIGINT/SIGTERM is immediate (a Ray Data pipeline stopped by SIGINT was seen hanging in shutdown). Ray
+still does what it is good at: placement on GPUs (``num_gpus`` per actor, fractional allowed), retries of tasks
+whose worker or node died (``max_retries``), lineage reconstruction of lost read results, and moving arrays
+between nodes through the object store (workers read inputs themselves; results go from workers to writers).
 """
 
 from __future__ import annotations
@@ -202,9 +196,10 @@ def _finish(plan: ScenePlan, row: int, col: int, result: BlockResult | None,
 
 
 # One malloc arena: torch's intra-op threads each kept an arena of freed activations (peak crept up with run length;
-# an mmap threshold instead made forward passes page-fault). Arrow's jemalloc: its default (mimalloc) unmaps a
-# Parquet row group's buffers and faults them in again, 2x the writer's Parquet time. Numbers: benchmarks/README.md.
-_WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "ARROW_DEFAULT_MEMORY_POOL": "jemalloc"}
+# an mmap threshold instead made forward passes page-fault). The writer: Arrow's default pool (mimalloc) unmaps a
+# Parquet row group's buffers and faults them in again, 2x jemalloc's time. Numbers: benchmarks/README.md.
+_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+_WRITER_ENV = {**_WORKER_ENV, "ARROW_DEFAULT_MEMORY_POOL": "jemalloc"}
 
 
 def _gpus_per_worker(cfg: JobConfig) -> float:
@@ -462,7 +457,7 @@ class RayEngine:
 
     def _new_writer(self):
         # named (geoseg-writer-...) so that operators and tests can find the writers of a running job
-        return WriterActor.options(num_cpus=self.cfg.runtime.cpus_per_writer, runtime_env={"env_vars": _WORKER_ENV},
+        return WriterActor.options(num_cpus=self.cfg.runtime.cpus_per_writer, runtime_env={"env_vars": _WRITER_ENV},
                                    name=f"geoseg-writer-{uuid.uuid4().hex[:12]}").remote()
 
     def stored_result(self, plan: ScenePlan, block):
