@@ -10,7 +10,7 @@ Exact rings. GDAL traces every ring with the region on its left (exteriors count
 clockwise) and, at a pinch vertex (two diagonal pixels of the region), always turns right, for either
 connectivity (the tests check ring-for-ring equality on random masks). A block's rings are therefore those of
 the whole mask except at vertices on its edges, and at vertices where rings of two of its polygons meet
-(4-connected diagonal pixels that only the merge connects). Merging a group (``merge_groups``) cuts its rings at
+(4-connected diagonal pixels that only the merge connects). Merging a group (``rings.merge_groups``) cuts its rings at
 such vertices, cancels the seam unit edges that appear in both directions (same-class pixels on both sides),
 re-chains the pieces with the right-turn rule, drops the collinear vertices the cuts left, and starts each ring
 at its lowest (row, col) vertex as GDAL does. The output equals a single ``rasterio.features.shapes`` of the
