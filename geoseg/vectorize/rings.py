@@ -14,6 +14,7 @@ handled as one int64 key (its (x, y) int32 pair read as one integer), which orde
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,20 +55,17 @@ def merge_groups(
     pieces, run_keys = _cut(coords, off, ring_lens - 1, ring_group, ci, cr, vseams, hseams)
     # the keys of every vertex a piece can start at, then a sentinel (``_segment_min`` reads one past the end)
     keys = np.concatenate([keys, run_keys, [np.iinfo(np.int64).max]])
-    seg_start, seg_count, seg_ring, ring_key, ring_grp = [], [], [], [], []
+    # Output rings as key segments: (segment starts, counts, ring of each; per ring its lowest key and group).
+    parts = []
     if len(pieces.group):
         walk, cycle_len = _chain(pieces)
-        sub = _subpieces(pieces, walk, cycle_len)
-        s0, s1, s2, rk = _rotated_segments(keys, *sub)
-        seg_start.append(s0), seg_count.append(s1), seg_ring.append(s2), ring_key.append(rk)
-        ring_grp.append(pieces.group[walk[_offsets(cycle_len)[:-1]]])
+        parts.append((*_rotated_segments(keys, *_subpieces(pieces, walk, cycle_len)),
+                      pieces.group[walk[_offsets(cycle_len)[:-1]]]))
     if len(whole):  # rings with no cut vertex are kept as they are (GDAL started them at their lowest vertex)
-        n_before = sum(len(r) for r in ring_key)
-        seg_start.append(off[whole]), seg_count.append(ring_lens[whole])
-        seg_ring.append(n_before + np.arange(len(whole))), ring_key.append(keys[off[whole]])
-        ring_grp.append(ring_group[whole])
-    starts, counts, seg_r = np.concatenate(seg_start), np.concatenate(seg_count), np.concatenate(seg_ring)
-    rkey, rgroup = np.concatenate(ring_key), np.concatenate(ring_grp)
+        n_before = len(parts[0][3]) if parts else 0
+        parts.append((off[whole], ring_lens[whole], n_before + np.arange(len(whole)), keys[off[whole]],
+                      ring_group[whole]))
+    starts, counts, seg_r, rkey, rgroup = (np.concatenate(a) for a in zip(*parts))
     # Per group, the exterior first: its lowest vertex is the group's lowest (holes lie strictly below its top
     # row); then the holes by their start vertex.
     ring_order = np.lexsort((rkey, rgroup))
@@ -92,6 +90,7 @@ def _keys_of(xy: np.ndarray) -> np.ndarray:
 
 
 def _coords_from_keys(keys: np.ndarray) -> np.ndarray:
+    """(n, 2) int32 vertices back from ``_vertex_keys``."""
     if sys.byteorder == "little":
         return keys.view(np.int32).reshape(-1, 2)
     return np.column_stack([keys & 0xFFFFFFFF, keys >> 32]).astype(np.int32)
@@ -109,13 +108,22 @@ def _shared_in_group(coords: np.ndarray, off: np.ndarray, ring_group: np.ndarray
     return out
 
 
+@dataclass
 class _Pieces:
-    """Ring pieces: arcs of input rings (own vertices: positions ``start`` .. ``start + count - 1`` of ring
-    ``ring``, cyclically; the end vertex is the next piece's start), then surviving seam runs (one own vertex,
-    the run's start, at ``n + i`` in the key array). Per piece: group, end points, first and last step."""
+    """Ring pieces: arcs of input rings, then surviving seam runs. A piece's own vertices are the keys at
+    ``base`` + positions ``start`` .. ``start + count - 1`` taken modulo ``modulo`` (its ring's open length; a
+    run has one own vertex, its start, after the input's keys); its end vertex is the next piece's start. Per
+    piece also its group, end points and first / last unit step."""
 
-    def __init__(self, **arrays: np.ndarray):
-        self.__dict__.update(arrays)
+    group: np.ndarray
+    start_pt: np.ndarray
+    end_pt: np.ndarray
+    first_dir: np.ndarray
+    last_dir: np.ndarray
+    base: np.ndarray
+    start: np.ndarray
+    count: np.ndarray
+    modulo: np.ndarray
 
 
 def _cut(coords: np.ndarray, off: np.ndarray, open_lens: np.ndarray, ring_group: np.ndarray, ci: np.ndarray,
