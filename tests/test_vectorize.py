@@ -498,3 +498,28 @@ def test_map_bounds_equal_bounds_of_mapped_coords(strata):
                                 np.maximum.reduceat(xy[:, 0], starts), np.maximum.reduceat(xy[:, 1], starts)])
         assert np.array_equal(polys.map_bounds(t), want)
     assert polys.map_bounds(Affine(1, 0.5, 0, 0.5, -1, 0)) is None
+
+
+def test_gdal_arrow_polygonize_equals_rasterio_shapes(strata, monkeypatch):
+    """``vectorize.ogr`` (GDALPolygonize read back as Arrow WKB) gives rasterio ``shapes``' polygons element for
+    element: coordinates, ring and polygon offsets, values, dtypes; with and without a validity mask, both
+    connectivities, random and real masks. ``GEOSEG_POLYGONIZE=rasterio`` selects rasterio's path."""
+    from geoseg.vectorize import ogr
+    from geoseg.vectorize.polygonize import shapes_arrays
+
+    assert ogr.available(), "GDAL's C API should be reachable through rasterio's wheel on Linux"
+    rng = np.random.default_rng(5)
+    cases = [(rng.integers(0, rng.integers(1, 5), tuple(rng.integers(1, 40, 2))).astype(np.uint8), trial)
+             for trial in range(60)]
+    mask, _ = strata
+    cases.append((np.where(mask[:300, :400] == 255, 0, mask[:300, :400]).astype(np.uint8), 1))
+    for arr, trial in cases:
+        valid = None if trial % 3 == 0 else rng.random(arr.shape) > 0.1
+        for connectivity in (4, 8):
+            fast = ogr.polygonize_arrays(arr, valid, connectivity, 5, 7)
+            monkeypatch.setenv("GEOSEG_POLYGONIZE", "rasterio")
+            assert not ogr.available()
+            slow = shapes_arrays(arr, valid, connectivity, 5, 7)
+            monkeypatch.delenv("GEOSEG_POLYGONIZE")
+            for a, b in zip(fast, slow):
+                assert a.dtype == b.dtype and np.array_equal(a, b)

@@ -3,7 +3,10 @@
 The modules, in the order data flows through them (pure functions and small state objects; no Ray here):
 
 ``polygonize``  one block of the mask -> ``BlockPolygons`` in global pixel coordinates, with seam intervals.
+``ogr``         GDAL's polygonize read back as Arrow WKB (what ``polygonize`` uses where GDAL's C API is
+                reachable; else rasterio's ``shapes``).
 ``seams``       ``SeamMerger``: blocks in any order -> the exact polygons of one whole-mask polygonize.
+``rings``       merging a group's rings across seams (per ring piece, not per vertex).
 ``sieve``       a minimum mapping unit that is identical block-wise and whole.
 ``simplify``    coverage simplification that keeps shared borders shared.
 ``attributes``  class filters, map coordinates, the attribute table, areas and perimeters in metres.

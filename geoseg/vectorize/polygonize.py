@@ -28,6 +28,7 @@ from geoseg._ragged import repeated
 from geoseg._ragged import take as take_ragged
 from geoseg.conventions import NODATA
 from geoseg.errors import InputError
+from geoseg.vectorize import ogr
 
 
 # Block sides (bit flags) and the (drow, dcol) of the neighbour across each.
@@ -228,7 +229,11 @@ def window_tuple(window: Window | Sequence[int]) -> tuple[int, int, int, int]:
 def shapes_arrays(
     arr: np.ndarray, valid: np.ndarray | None, connectivity: int, col_off: int = 0, row_off: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``rasterio.features.shapes`` as arrays: coords (N, 2) int32, ring and polygon offsets, class values."""
+    """``rasterio.features.shapes`` as arrays: coords (N, 2) int32, ring and polygon offsets, class values
+    (through GDAL's Arrow API where it is reachable, ``geoseg.vectorize.ogr``: the same polygons, no Python
+    object per vertex)."""
+    if ogr.available():
+        return ogr.polygonize_arrays(arr, valid, connectivity, col_off, row_off)
     geoms = []
     values = []
     for geom, value in features.shapes(
