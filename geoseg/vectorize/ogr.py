@@ -146,17 +146,22 @@ def polygonize_arrays(
         stream = _ArrowArrayStream()
         if not lib.OGR_L_GetArrowStream(layer, ctypes.addressof(stream), None):
             raise RuntimeError("GDAL could not read the polygon layer as Arrow")
-        table = pa.RecordBatchReader._import_from_c(ctypes.addressof(stream)).read_all()  # owns the stream now
+        # GDAL's rule: the stream and its batches are not used once the layer is gone (only released), so
+        # everything is copied out here, and the reader (which owns the stream now) and its batches are
+        # released before the datasets close.
+        reader = pa.RecordBatchReader._import_from_c(ctypes.addressof(stream))
+        table = reader.read_all()
+        values = table.column("value").to_numpy().astype(arr.dtype)
+        wkb = next(table.column(i).to_numpy(zero_copy_only=False) for i, f in enumerate(table.schema)
+                   if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type))
+        del table, reader
     finally:
         if opts:
             lib.CSLDestroy(opts)
         for h in reversed(handles):
             lib.GDALClose(h)
-    values = table.column("value").to_numpy().astype(arr.dtype)
     if not len(values):
         z = np.zeros(1, dtype=np.int64)
         return np.zeros((0, 2), np.int32), z, z.copy(), values
-    wkb = next(table.column(i) for i, f in enumerate(table.schema) if pa.types.is_binary(f.type)
-               or pa.types.is_large_binary(f.type))
-    _, coords, (ring_off, poly_off) = shapely.to_ragged_array(shapely.from_wkb(wkb.to_numpy(zero_copy_only=False)))
+    _, coords, (ring_off, poly_off) = shapely.to_ragged_array(shapely.from_wkb(wkb))
     return coords.astype(np.int32), ring_off.astype(np.int64), poly_off.astype(np.int64), values
