@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -86,6 +87,9 @@ def main(verbose: int, debug: bool) -> None:
     2 usage error.
     """
     _DEBUG["on"] = debug
+    # The CLI owns its process: Arrow's jemalloc pool, as for the Ray writer (mimalloc, Arrow's default, unmaps
+    # and re-faults the Parquet writer's buffers; benchmarks/README.md). Set before pyarrow loads; a user's wins.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
     logging.basicConfig(
         level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
