@@ -201,17 +201,26 @@ def shared_vertices(block: BlockPolygons) -> np.ndarray:
     pieces of one merged polygon from the same block can meet, i.e. where ``SeamMerger`` must cut rings; a worker
     computes them for the polygons it sends to the writer, so the writer need not sort every vertex of the
     polygons that cross seams."""
-    c = block.coords
-    out = np.zeros(len(c), dtype=bool)
-    if not len(c):
-        return out
+    rings_per = np.diff(block.poly_offsets)
     # only polygons on a block side can reach the merger (the rest are final in their block): sort just theirs
-    ring_n, rings_per = np.diff(block.ring_offsets), np.diff(block.poly_offsets)
-    sel = np.repeat(np.repeat(block.sides != 0, rings_per), ring_n)
-    sel[block.ring_offsets[1:] - 1] = False  # closing vertices repeat their ring's first
-    cls = np.repeat(np.repeat(block.class_ids.astype(np.int64), rings_per), ring_n)[sel]
-    v = c[sel].astype(np.int64)
-    out[sel] = repeated((cls << (2 * COORD_BITS)) | (v[:, 1] << COORD_BITS) | v[:, 0])
+    return repeated_vertices(block.coords, block.ring_offsets, np.repeat(block.class_ids, rings_per),
+                             np.repeat(block.sides != 0, rings_per))
+
+
+def repeated_vertices(coords: np.ndarray, ring_offsets: np.ndarray, ring_label: np.ndarray,
+                      ring_sel: np.ndarray | None = None) -> np.ndarray:
+    """Per coordinate of closed rings: True where the vertex occurs more than once among the open vertices of the
+    rings with the same ``ring_label`` (closing vertices, which repeat their ring's first, never count), among
+    the rings ``ring_sel`` (all when None; the others' coordinates are False)."""
+    out = np.zeros(len(coords), dtype=bool)
+    if not len(coords):
+        return out
+    ring_n = np.diff(ring_offsets)
+    sel = np.ones(len(coords), dtype=bool) if ring_sel is None else np.repeat(ring_sel, ring_n)
+    sel[ring_offsets[1:] - 1] = False
+    label = np.repeat(np.asarray(ring_label, dtype=np.int64), ring_n)[sel]
+    v = coords[sel].astype(np.int64)
+    out[sel] = repeated((label << (2 * COORD_BITS)) | (v[:, 1] << COORD_BITS) | v[:, 0])
     return out
 
 

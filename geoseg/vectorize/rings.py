@@ -21,7 +21,7 @@ import numpy as np
 from geoseg._ragged import offsets as _offsets
 from geoseg._ragged import ranges as _ranges
 from geoseg._ragged import repeated
-from geoseg.vectorize.polygonize import COORD_BITS
+from geoseg.vectorize.polygonize import COORD_BITS, repeated_vertices
 
 __all__ = ["merge_groups"]
 
@@ -47,7 +47,7 @@ def merge_groups(
     # Vertices several rings of a group pass through are pinches whose pairing the blocks may have decided
     # differently (with 4-connectivity, diagonal pixels that only the merge connects): cut and re-pair them.
     # Off the seams such a vertex is one its block flagged (``shared``); else they are found by sorting.
-    cut |= _shared_in_group(coords, off, ring_group) if shared is None else shared
+    cut |= repeated_vertices(coords, off, ring_group) if shared is None else shared
     cut[closing] = False
     ci = np.flatnonzero(cut)
     cr = np.searchsorted(off, ci, side="right") - 1
@@ -94,18 +94,6 @@ def _coords_from_keys(keys: np.ndarray) -> np.ndarray:
     if sys.byteorder == "little":
         return keys.view(np.int32).reshape(-1, 2)
     return np.column_stack([keys & 0xFFFFFFFF, keys >> 32]).astype(np.int32)
-
-
-def _shared_in_group(coords: np.ndarray, off: np.ndarray, ring_group: np.ndarray) -> np.ndarray:
-    """Vertices that occur more than once among the open rings of their group."""
-    n = len(coords)
-    is_open = np.ones(n, dtype=bool)
-    is_open[off[1:] - 1] = False
-    v = coords[is_open].astype(np.int64)
-    g = np.repeat(ring_group, np.diff(off) - 1)
-    out = np.zeros(n, dtype=bool)
-    out[is_open] = repeated((g << (2 * COORD_BITS)) | (v[:, 1] << COORD_BITS) | v[:, 0])
-    return out
 
 
 @dataclass
