@@ -129,16 +129,20 @@ def polygonize_arrays(
         handles.append(ds)
         mask_band = None
         if valid is not None:
-            mds, mask_band = _mem_band(lib, valid.view(np.uint8) if valid.dtype == bool else valid, col_off, row_off)
+            mds, mask_band = _mem_band(lib, valid, col_off, row_off)  # 0/1 bytes (_mem_band makes uint8)
             handles.append(mds)
         vds = lib.GDALCreate(lib.GDALGetDriverByName(lib.vector_driver), b"", 0, 0, 0, 0, None)
         if not vds:
             raise RuntimeError("GDAL could not create an in-memory vector dataset")
         handles.append(vds)
         layer = lib.GDALDatasetCreateLayer(vds, b"polygons", None, _WKB_POLYGON, None)
+        if not layer:  # a null handle passed on would crash the process, not raise
+            raise RuntimeError("GDAL could not create an in-memory polygon layer")
         field = lib.OGR_Fld_Create(b"value", _OFT_INTEGER)
-        lib.OGR_L_CreateField(layer, field, 1)
+        created = lib.OGR_L_CreateField(layer, field, 1)
         lib.OGR_Fld_Destroy(field)
+        if created != 0:
+            raise RuntimeError("GDAL could not add the value field to the polygon layer")
         if connectivity == 8:
             opts = lib.CSLSetNameValue(None, b"8CONNECTED", b"8")
         if lib.GDALPolygonize(band, mask_band, layer, 0, opts, None, None) != 0:
