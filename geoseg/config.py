@@ -239,6 +239,8 @@ class AugmentConfig(_Section):
     brightness: float = Field(0.25, ge=0, lt=1, description="random gain 1 +- this, per chip")
     contrast: float = Field(0.25, ge=0, lt=1, description="random contrast 1 +- this around the chip mean")
     channel_gain: float = Field(0.1, ge=0, lt=1, description="random per-band gain 1 +- this (colour balance)")
+    saturation: float = Field(0.0, ge=0, le=1, description="random saturation 1 +- this: bands pulled towards (or "
+                              "pushed away from) their per-pixel mean, per chip (0 = grey at the extreme)")
     noise: float = Field(0.0, ge=0, description="Gaussian noise, in units of each band's training std")
 
 
@@ -303,6 +305,11 @@ class TrainConfig(_Section):
     scale_range: list[float] | None = Field(
         None, min_length=2, max_length=2, description="random sampling: scale augmentation, each chip is cut "
         "at chip_px / s and resampled to chip_px, s log-uniform in [lo, hi] (> 1 zooms in)"
+    )
+    logit_adjustment: float = Field(
+        0.0, ge=0, description="tau of post-hoc logit adjustment: every class's logit gets -tau * log(its share of "
+        "the label pixels trained on), at validation and in the bundle's head bias; 1 decides as if all classes "
+        "were equally likely (a class rare in training but dense where the model runs), 0 keeps the training prior"
     )
     calibrate_bias: bool = Field(
         False, description="choose a logit offset for every class but class 0 on the validation split: epochs are "

@@ -149,10 +149,11 @@ def test_augmentation_keeps_image_and_labels_aligned(bld):
     img, valid = read_image(scene)
     lab = load_labels(scene, [0, 1])
     marker = (img[0] > np.median(img[0])).astype(np.uint8)  # labels that ARE a function of the image
-    seen = set()
+    seen, chroma = set(), set()
+    aug = t.augment.model_copy(update={"saturation": 0.6})
     for seed in range(12):
         rng = np.random.default_rng(seed)
-        x, y = augment(img, marker, valid, rng, t.augment)
+        x, y = augment(img, marker, valid, rng, aug)
         assert x.shape == img.shape and y.shape == lab.shape
         # the geometric transform is shared: the marker still sits on the same (transformed) pixels
         ref_rng = np.random.default_rng(seed)
@@ -160,7 +161,9 @@ def test_augmentation_keeps_image_and_labels_aligned(bld):
             "brightness": 0.0, "contrast": 0.0, "channel_gain": 0.0}))
         assert np.array_equal(y, (x0[0] > np.median(img[0])).astype(np.uint8))
         seen.add(float(x.mean() / img.mean()))
+        chroma.add(float(np.abs(x - x.mean(0)).mean() / np.abs(x0 - x0.mean(0)).mean()))
     assert max(seen) / min(seen) > 1.1  # brightness really varies
+    assert min(chroma) < 0.75 and max(chroma) > 1.25  # and so does saturation (distance from each pixel's grey)
 
 
 def test_epoch_chips_are_the_same_on_every_worker_and_change_per_epoch(bld):
@@ -275,6 +278,32 @@ def test_bias_calibration_moves_the_decision_boundary_to_the_best_mIoU():
     offsets, before, after = calibrate_bias(Shifted(), loader, 2, torch.device("cpu"))
     assert offsets[0] == 0 and abs(offsets[1] - 0.3) <= 0.05 + 1e-9, offsets
     assert before < 0.75 and after > 0.97
+
+
+def test_logit_adjustment_decides_as_if_classes_were_equally_likely():
+    from geoseg.train.loop import logit_adjustment, validate
+
+    assert np.allclose(logit_adjustment([900, 100], 1.0), [0.0, np.log(9)])
+    assert np.allclose(logit_adjustment([900, 100], 0.5), [0.0, 0.5 * np.log(9)])
+    assert np.allclose(logit_adjustment([900, 100, 0], 1.0), [0.0, np.log(9), np.log(9)])  # unseen: finite
+    assert not logit_adjustment([900, 100], 0.0).any()
+
+    class Posterior(torch.nn.Module):
+        """Bayes log-posteriors for 1-D Gaussians N(0, 1) (class 0, prior 0.9) and N(2, 1) (class 1, prior 0.1)."""
+
+        def forward(self, x):
+            return torch.cat([np.log(0.9) - x**2 / 2, np.log(0.1) - (x - 2) ** 2 / 2], dim=1)
+
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(64, 32, 32, generator=g) < 0.5).long()  # where the model runs, the classes are even
+    x = (torch.randn(64, 1, 32, 32, generator=g) + 2.0 * y[:, None]).float()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    plain = validate(Posterior(), loader, 2, torch.device("cpu"))
+    adjusted = validate(Posterior(), loader, 2, torch.device("cpu"), bias=logit_adjustment([900, 100], 1.0))
+    recall = lambda cm: cm[1, 1] / cm[1].sum()  # noqa: E731
+    # the training prior (0.1) makes the model call class 1 only past x = 2.1; adjusted, the boundary is x = 1
+    assert recall(plain) < 0.5 < 0.8 < recall(adjusted)
+    assert np.trace(adjusted) > np.trace(plain)
 
 
 def test_measured_halo_makes_tiled_equal_whole(bld):
@@ -402,7 +431,7 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
         "arch_params": {"base_channels": 4, "depth": 2}, "chip_px": 128, "batch_size": 2,
         "epochs": 8, "max_steps_per_epoch": 3, "num_workers": 2, "use_gpu": False, "torch_threads": 1,
         "early_stopping_patience": 20, "halo_max_px": 48, "halo_images": 1, "out": str(out), "checkpoint_dir": str(ckpt),
-        "calibrate_bias": True,
+        "calibrate_bias": True, "logit_adjustment": 1.0,
     }, "runtime": {"address": address}}
     cfg_path = tmp_path / "train.yaml"
     cfg_path.write_text(yaml.safe_dump(job))
@@ -445,6 +474,21 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
     cal = summary["calibration"]
     assert cal["offsets"][0] == 0 and cal["miou_after"] >= cal["miou_before"]
     assert "epoch 1/8  loss" in log1 or done >= 1
+    # logit_adjustment: each epoch validated with -log(prior) of the label pixels of every chip trained on so far,
+    # counted over both workers and carried across the resume; the best epoch's offsets are in the bundle
+    from geoseg.train.driver import shard
+    from geoseg.train.loop import ChipStore, logit_adjustment
+
+    plan = prepare_plan(config_from_dict(job))
+    store = ChipStore(plan["scenes"], plan["class_ids"], plan["class_names"])
+    pixels = np.zeros(2, np.int64)
+    for epoch in range(8):
+        for rank in range(2):
+            for c in shard(epoch_chips(plan, epoch), rank, 2, 2)[:3 * 2]:
+                pixels += np.bincount(store.chip(c)[2].ravel(), minlength=256)[:2]
+    assert np.allclose(summary["history"][-1]["logit_adjustment"], logit_adjustment(pixels, 1.0), atol=1e-4)
+    assert summary["logit_adjustment"] == summary["best_epoch"]["logit_adjustment"]
+    assert summary["logit_adjustment"][0] == 0 and summary["logit_adjustment"][1] > 0  # buildings are the rarer
 
     from geoseg.models import load_model
 

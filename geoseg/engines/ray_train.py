@@ -36,7 +36,7 @@ def worker_loop(config: dict) -> None:
 
     from geoseg.config import TrainConfig
     from geoseg.train.loop import OFFSET_GRID, ChipDataset, ChipStore, best_offset, build_module
-    from geoseg.train.loop import cosine_with_warmup, iou_from_confusion, run_epoch, validate
+    from geoseg.train.loop import cosine_with_warmup, iou_from_confusion, logit_adjustment, run_epoch, validate
 
     plan = config["plan"]
     t = TrainConfig.model_validate(plan["train"])
@@ -65,6 +65,7 @@ def worker_loop(config: dict) -> None:
         else:
             amp_dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
     start, best, bad, history, best_state = 0, -1.0, 0, [], None
+    seen = np.zeros(k, np.int64)  # label pixels per class over every chip trained on so far (all workers)
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -80,6 +81,7 @@ def worker_loop(config: dict) -> None:
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
         start, best, bad, history, best_state = st["epoch"] + 1, st["best"], st["bad"], st["history"], st["best_state"]
+        seen = np.asarray(st.get("class_pixels", seen), np.int64)
         if rank == 0:
             _say(f"resumed from checkpoint after epoch {st['epoch'] + 1} (best val mIoU {best:.4f})")
     store = ChipStore(plan["scenes"], plan["class_ids"], plan["class_names"])
@@ -102,8 +104,15 @@ def worker_loop(config: dict) -> None:
         if bar is not None:
             bar.close()
         t_val = time.monotonic()
+        counts = torch.from_numpy(r["class_pixels"][:k].copy()).to(device)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(counts)
+        seen += counts.cpu().numpy()
+        adjust = logit_adjustment(seen, t.logit_adjustment) if t.logit_adjustment else None
         grid = OFFSET_GRID if t.calibrate_bias else None
-        cm = validate(module, val_loader, k, device, amp_dtype, offsets=grid)
+        cm = validate(module, val_loader, k, device, amp_dtype, offsets=grid, bias=adjust)
         cm_t = torch.from_numpy(cm).to(device)
         stats = torch.tensor([r["loss"] * r["chips"], r["chips"], r["seconds"]], dtype=torch.float64, device=device)
         if world > 1:
@@ -133,6 +142,8 @@ def worker_loop(config: dict) -> None:
                "chips_per_s": round(float(stats[1]) / max(float(stats[2]) / world, 1e-9), 3)}
         if calibrated is not None:
             rec.update(val_miou_calibrated=round(calibrated, 5), logit_offset=offset)
+        if adjust is not None:  # the best epoch's offsets go into the bundle's head bias
+            rec.update(logit_adjustment=[round(float(v), 4) for v in adjust])
         history.append(rec)
         stopped = bad >= t.early_stopping_patience
         if rank == 0:
@@ -150,7 +161,7 @@ def worker_loop(config: dict) -> None:
                     "fingerprint": plan["fingerprint"], "epoch": epoch, "best": best, "bad": bad,
                     "history": history, "model": _unwrap(module).state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                    "best_state": best_state, "confusion": cm,
+                    "best_state": best_state, "confusion": cm, "class_pixels": seen,
                 }, os.path.join(tmp, STATE_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,4 +1,4 @@
-"""Chip augmentation: flips, 90-degree rotations, brightness / contrast / colour balance, noise.
+"""Chip augmentation: flips, 90-degree rotations, brightness / contrast / colour balance / saturation, noise.
 
 Pure numpy on one chip: ``image`` float32 (bands, rows, cols) of RAW values (before normalisation) and
 ``labels`` uint8 (rows, cols). Photometric changes act on raw values, so the model learns that a scene that
@@ -23,6 +23,7 @@ def augment(image: np.ndarray, labels: np.ndarray, valid: np.ndarray, rng: np.ra
     u_band = rng.uniform(-1, 1, size=(x.shape[0], 1, 1))
     flip_lr, flip_ud, k = rng.random() < 0.5, rng.random() < 0.5, int(rng.integers(0, 4))
     noise_seed = int(rng.integers(0, 2**31))
+    u_sat = rng.uniform(-1, 1)
     if cfg.brightness or cfg.contrast or cfg.channel_gain:
         gain = 1.0 + cfg.brightness * u_gain
         contrast = 1.0 + cfg.contrast * u_contrast
@@ -32,6 +33,11 @@ def augment(image: np.ndarray, labels: np.ndarray, valid: np.ndarray, rng: np.ra
         else:
             mean = np.zeros((x.shape[0], 1, 1), np.float32)
         x = ((x - mean) * contrast + mean) * gain * band_gain
+        x = np.maximum(x, 0.0) if image.min() >= 0 else x
+    if getattr(cfg, "saturation", 0) and x.shape[0] > 1:
+        # towards (or away from) the chip's grey: roofs of one material come in many colours
+        grey = x.mean(axis=0, keepdims=True)
+        x = grey + (x - grey) * (1.0 + cfg.saturation * u_sat)
         x = np.maximum(x, 0.0) if image.min() >= 0 else x
     if cfg.noise and band_std is not None:
         noise = np.random.default_rng(noise_seed).normal(0.0, cfg.noise, size=x.shape).astype(np.float32)

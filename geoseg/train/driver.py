@@ -227,6 +227,12 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
     module.load_state_dict(state["best_state"] or state["model"])
     module.eval()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    hist = state["history"]
+    best_epoch = max(hist, key=lambda r: r.get("val_miou_calibrated", r["val_miou"])) if hist else {}
+    adjustment = best_epoch.get("logit_adjustment")
+    if adjustment is not None:  # the offsets the best epoch was validated with become part of the model
+        with torch.no_grad():
+            _head(t, module, "train.logit_adjustment").bias += torch.as_tensor(adjustment)
     calibration = _calibrate(t, plan, module) if t.calibrate_bias else None
     arch_params = dict(t.arch_params, in_channels=len(plan["band_names"]), num_classes=k)
     stride = int(getattr(module, "output_stride", 16))
@@ -244,12 +250,13 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
         if len(images) >= t.halo_images:
             break
     halo, agree, tile = measure_halo(module, card, images, t.halo_max_px)
-    hist = state["history"]
-    best_epoch = max(hist, key=lambda r: r.get("val_miou_calibrated", r["val_miou"])) if hist else {}
     best_score = best_epoch.get("val_miou_calibrated", best_epoch.get("val_miou"))
     cal = ""
+    if adjustment is not None:
+        cal += (f" Logit adjustment (tau {t.logit_adjustment}, class priors of the training chips): offsets "
+                f"{adjustment} in the head's bias.")
     if calibration:
-        cal = (f" Logit offsets {calibration['offsets']} added to the head's bias (val mIoU "
+        cal += (f" Logit offsets {calibration['offsets']} added to the head's bias (val mIoU "
                f"{calibration['miou_before']} -> {calibration['miou_after']}).")
     card = card.model_copy(update={
         "halo_px": halo,
@@ -264,20 +271,26 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
         "bundle": str(out), "card": card.model_dump(mode="json"), "history": state["history"],
         "best_epoch": best_epoch, "halo": {"halo_px": halo, "agreement": agree, "tile_px": tile},
         "class_pixels": plan["class_pixels"], "scenes": len(plan["scenes"]), "seconds": round(seconds, 1),
-        "val_chips": len(plan["val_chips"]), "calibration": calibration,
+        "val_chips": len(plan["val_chips"]), "logit_adjustment": adjustment,
+        "calibration": calibration,
     }
     (out / "training.json").write_text(json.dumps(summary, indent=1))
     load_model(out)  # the bundle must load
     return summary
 
 
+def _head(t, module: torch.nn.Module, option: str) -> torch.nn.Conv2d:
+    head = getattr(module, "head", None)
+    if not isinstance(head, torch.nn.Conv2d) or head.bias is None:
+        raise ConfigError(f"{option}: the {t.architecture} model has no head convolution with a bias")
+    return head
+
+
 def _calibrate(t, plan: dict, module: torch.nn.Module) -> dict:
     """``train.calibrate_bias``: per-class logit offsets chosen on the val chips, folded into the head's bias."""
     from geoseg.train.loop import ChipDataset, ChipStore, calibrate_bias
 
-    head = getattr(module, "head", None)
-    if not isinstance(head, torch.nn.Conv2d) or head.bias is None:
-        raise ConfigError(f"train.calibrate_bias: the {t.architecture} model has no head convolution with a bias")
+    head = _head(t, module, "train.calibrate_bias")
     store = ChipStore(plan["scenes"], plan["class_ids"], plan["class_names"])
     ds = ChipDataset(store, plan["val_chips"], plan["mean"], plan["std"])
     loader = torch.utils.data.DataLoader(ds, batch_size=t.batch_size)

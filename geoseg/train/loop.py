@@ -31,6 +31,7 @@ __all__ = [
     "cosine_with_warmup",
     "run_epoch",
     "validate",
+    "logit_adjustment",
 ]
 
 
@@ -203,9 +204,12 @@ def run_epoch(module, loader, optimizer, scheduler, device, loss_kind: str = "ce
     """One pass of training over ``loader``; returns mean loss, chips and seconds."""
     module.train()
     total, n, steps = 0.0, 0, 0
+    counts = None
     t0 = time.monotonic()
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        known = torch.bincount(y.flatten(), minlength=IGNORE + 1)[:IGNORE]  # label pixels per class, as trained
+        counts = known if counts is None else counts + known
         optimizer.zero_grad(set_to_none=True)
         if amp_dtype is not None:
             with torch.autocast(device_type=device.type, dtype=amp_dtype):
@@ -230,7 +234,28 @@ def run_epoch(module, loader, optimizer, scheduler, device, loss_kind: str = "ce
             progress.set_postfix(loss=f"{total / max(n, 1):.4f}", refresh=False)
         if max_steps and steps >= max_steps:
             break
-    return {"loss": total / max(n, 1), "chips": n, "seconds": time.monotonic() - t0, "steps": steps}
+    class_pixels = np.zeros(IGNORE, np.int64) if counts is None else counts.cpu().numpy().astype(np.int64)
+    return {"loss": total / max(n, 1), "chips": n, "seconds": time.monotonic() - t0, "steps": steps,
+            "class_pixels": class_pixels}
+
+
+def logit_adjustment(class_pixels: np.ndarray, tau: float) -> np.ndarray:
+    """Per-class logit offsets ``-tau * log(prior)`` (Menon et al. 2021, post-hoc logit adjustment), shifted so
+    class 0's is 0; ``class_pixels`` counts each class's label pixels in the chips trained on.
+
+    A model trained on chips where a class covers 10% of the pixels learns that prior and under-calls the class
+    where it is dense; with ``tau`` = 1 the argmax decides as if every class were equally likely. A class never
+    seen gets the largest offset of the seen ones (a finite value, so it cannot take over every pixel).
+    """
+    c = np.asarray(class_pixels, np.float64)
+    if tau == 0 or c.sum() <= 0:
+        return np.zeros(len(c))
+    seen = c > 0
+    logp = np.full(len(c), np.nan)
+    logp[seen] = np.log(c[seen] / c.sum())
+    logp[~seen] = np.nanmin(logp)
+    out = -tau * logp
+    return out - out[0]
 
 
 # logit offsets tried for the non-first classes (train.calibrate_bias): per-epoch selection and the bundle's head
@@ -238,11 +263,12 @@ OFFSET_GRID = np.round(np.arange(-3.0, 3.0 + 1e-9, 0.1), 2)
 
 
 @torch.no_grad()
-def validate(module, loader, num_classes: int, device, amp_dtype=None, offsets: np.ndarray | None = None
-             ) -> np.ndarray:
+def validate(module, loader, num_classes: int, device, amp_dtype=None, offsets: np.ndarray | None = None,
+             bias: np.ndarray | None = None) -> np.ndarray:
     """Confusion matrix of ``module`` over ``loader`` (eval mode).
 
-    With ``offsets``, one matrix per offset (shape (len(offsets), k, k)): the offset is added to the logits of
+    ``bias`` (one value per class, e.g. from ``logit_adjustment``) is added to the logits first. With
+    ``offsets``, one matrix per offset (shape (len(offsets), k, k)): the offset is added to the logits of
     every class but the first (class 0, e.g. background) before the argmax.
     """
     module.eval()
@@ -255,6 +281,8 @@ def validate(module, loader, num_classes: int, device, amp_dtype=None, offsets: 
                 logits = module(x)
         else:
             logits = module(x)
+        if bias is not None:
+            logits = logits.float() + torch.as_tensor(bias, dtype=torch.float32, device=logits.device).view(1, k, 1, 1)
         if offsets is None:
             cm += confusion_matrix(logits.argmax(1).cpu(), y, k)
             continue
