@@ -311,6 +311,10 @@ class TrainConfig(_Section):
         "the label pixels trained on), at validation and in the bundle's head bias; 1 decides as if all classes "
         "were equally likely (a class rare in training but dense where the model runs), 0 keeps the training prior"
     )
+    weights_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="how the bundle stores its weights (float16: half the file; the weights are rounded "
+        "before the halo is measured, so the bundle is what was measured; they load as float32)"
+    )
     calibrate_bias: bool = Field(
         False, description="choose a logit offset for every class but class 0 on the validation split: epochs are "
         "compared by val mIoU at their best offset, and the bundle's head bias gets the best epoch's offset"

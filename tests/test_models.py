@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 import shutil
 from pathlib import Path
@@ -95,18 +96,34 @@ def test_get_model_unknown_architecture():
         get_model("unet", colour="blue")
 
 
-@pytest.mark.parametrize("arch", ["unet", "deeplabv3plus"])
+@pytest.mark.parametrize("arch", ["unet", "unet-input-stride-2", "deeplabv3plus"])
 @pytest.mark.parametrize("size", [(64, 64), (50, 70)])
 def test_trainable_architectures_shapes(arch, size):
     params = {"in_channels": 5, "num_classes": 7, "base_channels": 4}
-    if arch == "unet":
+    if arch.startswith("unet"):
         params["depth"] = 3
+        if arch == "unet-input-stride-2":
+            arch, params["input_stride"] = "unet", 2
     net = get_model(arch, **params)
     y = net(torch.rand(2, 5, *size))  # train mode: gradients flow
     assert y.shape == (2, 7, *size)
     y.mean().backward()
     with torch.inference_mode():
         assert net.eval()(torch.rand(1, 5, *size)).shape == (1, 7, *size)
+    assert net.output_stride == (16 if params.get("input_stride") == 2 else 8 if arch == "unet" else 16)
+
+
+def test_unet_input_stride_sees_the_input_averaged_and_checks_its_value():
+    torch.manual_seed(0)
+    net = get_model("unet", in_channels=3, num_classes=2, base_channels=4, depth=2, input_stride=2).eval()
+    x = torch.rand(1, 3, 32, 32)
+    # a pattern that averages away over 2 x 2 pixels changes nothing: the network runs on the averaged input
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 0.2 - 0.1
+    with torch.inference_mode():
+        assert torch.allclose(net(x), net(x + checker), atol=1e-5)
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="input_stride must be a power of 2"):
+            get_model("unet", input_stride=bad)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,6 +139,34 @@ def test_bundle_round_trip(bundle):
     with torch.inference_mode():
         assert torch.equal(m.module(x), module(x))
     assert load_model(str(directory)).card.name == "toy-unet"
+
+
+def test_float16_bundle_is_half_the_file_and_loads_as_the_rounded_float32_module(bundle, tmp_path):
+    directory, module = bundle
+    half = save_bundle(module, _card(), tmp_path / "half", dtype=torch.float16)
+    full_size, half_size = (directory / "weights.safetensors").stat().st_size, (half / "weights.safetensors").stat().st_size
+    assert half_size < 0.6 * full_size
+    m = load_model(half)
+    rounded = get_model(m.card.architecture, **m.card.arch_params).eval()
+    rounded.load_state_dict({k: v.half().float() if v.is_floating_point() else v
+                             for k, v in module.state_dict().items()})
+    assert all(p.dtype == torch.float32 for p in m.module.parameters())
+    x = torch.rand(1, 5, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(m.module(x), rounded(x))
+    # a tensor past float16's range (a BatchNorm variance of 1e6) stays float32 instead of turning inf
+    from safetensors.torch import load_file
+
+    from geoseg.models import narrow_state_dict
+
+    big = copy.deepcopy(module)
+    name = next(k for k in big.state_dict() if k.endswith("running_var"))
+    big.state_dict()[name][0] = 1e6
+    stored = load_file(save_bundle(big, _card(), tmp_path / "big", dtype=torch.float16) / "weights.safetensors")
+    assert stored[name].dtype == torch.float32 and stored[name][0] == 1e6
+    assert {v.dtype for k, v in stored.items() if k != name and v.is_floating_point()} == {torch.float16}
+    assert load_model(tmp_path / "big").module.state_dict()[name][0] == 1e6
+    assert narrow_state_dict({"a": torch.tensor([7e4])}, torch.float16)["a"].dtype == torch.float32
 
 
 @pytest.mark.parametrize("fmt", ["zip", "gztar"])

@@ -431,7 +431,7 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
         "arch_params": {"base_channels": 4, "depth": 2}, "chip_px": 128, "batch_size": 2,
         "epochs": 8, "max_steps_per_epoch": 3, "num_workers": 2, "use_gpu": False, "torch_threads": 1,
         "early_stopping_patience": 20, "halo_max_px": 48, "halo_images": 1, "out": str(out), "checkpoint_dir": str(ckpt),
-        "calibrate_bias": True, "logit_adjustment": 1.0,
+        "calibrate_bias": True, "logit_adjustment": 1.0, "weights_dtype": "float16",
     }, "runtime": {"address": address}}
     cfg_path = tmp_path / "train.yaml"
     cfg_path.write_text(yaml.safe_dump(job))
@@ -494,6 +494,10 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
 
     model = load_model(out)
     card = model.card
+    from safetensors.torch import load_file
+
+    stored = load_file(out / "weights.safetensors")
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
     assert card.bands == ["red", "green", "blue"] and card.class_names == ["background", "building"]
     assert card.normalization.name == "standardize" and len(card.normalization.params["mean"]) == 3
     assert card.halo_px == summary["halo"]["halo_px"] and card.output_stride == 4

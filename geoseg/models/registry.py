@@ -34,6 +34,7 @@ __all__ = [
     "get_model",
     "load_model",
     "save_bundle",
+    "narrow_state_dict",
     "CARD_FILE",
     "WEIGHTS_FILE",
 ]
@@ -237,13 +238,31 @@ def load_model(name_or_path: str | Path) -> GeoModel:
     )
 
 
-def save_bundle(module: nn.Module, card: ModelCard, directory: str | Path) -> Path:
-    """Write ``module``'s weights and ``card`` as a bundle directory that ``load_model`` reads back."""
+def narrow_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``sd`` with each floating-point tensor in ``dtype`` where every value fits (finite after the cast); a tensor
+    that does not fit (a BatchNorm running variance past float16's 65504) stays as it is."""
+    out = {}
+    for k, v in sd.items():
+        if v.is_floating_point():
+            narrow = v.to(dtype)
+            v = narrow if bool(torch.isfinite(narrow).all()) else v
+        out[k] = v
+    return out
+
+
+def save_bundle(module: nn.Module, card: ModelCard, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write ``module``'s weights and ``card`` as a bundle directory that ``load_model`` reads back.
+
+    ``dtype`` (e.g. ``torch.float16``) stores the floating-point tensors in it where they fit
+    (``narrow_state_dict``): half the file; they load as float32.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
     reference = get_model(card.architecture, **card.arch_params)
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    if dtype is not None:
+        sd = narrow_state_dict(sd, dtype)
     _check_state_dict(reference, sd, directory, card.architecture)
     directory.mkdir(parents=True, exist_ok=True)
     card.to_yaml(directory / CARD_FILE)

@@ -26,17 +26,23 @@ class _DoubleConv(nn.Sequential):
 class UNet(nn.Module):
     """U-Net: ``depth`` max-pool stages with skip connections; logits at the input's H x W.
 
-    Widths double per stage from ``base_channels``. Inputs whose sides are not multiples of
-    ``2**depth`` (the output stride a card should declare) are zero-padded on the bottom/right and the
-    output cropped back, so any size works.
+    Widths double per stage from ``base_channels``. ``input_stride`` > 1 runs the network on the input averaged
+    over ``input_stride`` x ``input_stride`` pixels and upsamples the logits back (bilinear): for imagery finer
+    than the objects need (0.1 m for buildings), a quarter of the compute per pixel and twice the context.
+    Inputs whose sides are not multiples of ``input_stride * 2**depth`` (the output stride a card should
+    declare) are zero-padded on the bottom/right and the output cropped back, so any size works.
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 2, base_channels: int = 32, depth: int = 4):
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, base_channels: int = 32, depth: int = 4,
+                 input_stride: int = 1):
         super().__init__()
         if in_channels < 1 or num_classes < 1 or base_channels < 1 or depth < 1:
             raise ValueError("in_channels, num_classes, base_channels and depth must be >= 1")
+        if input_stride < 1 or input_stride & (input_stride - 1):
+            raise ValueError(f"input_stride must be a power of 2 (1, 2, 4, ...); got {input_stride}")
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.depth = depth
+        self.input_stride = input_stride
         self.inc = _DoubleConv(in_channels, widths[0])
         self.down = nn.ModuleList(_DoubleConv(widths[i], widths[i + 1]) for i in range(depth))
         self.up = nn.ModuleList(
@@ -47,16 +53,21 @@ class UNet(nn.Module):
 
     @property
     def output_stride(self) -> int:
-        return 2**self.depth
+        return self.input_stride * 2**self.depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         s = self.output_stride
         x = F.pad(x, (0, -w % s, 0, -h % s))
+        if self.input_stride > 1:
+            x = F.avg_pool2d(x, self.input_stride)
         skips = [self.inc(x)]
         for down in self.down:
             skips.append(down(F.max_pool2d(skips[-1], 2)))
         y = skips.pop()
         for up, dec in zip(self.up, self.dec, strict=True):
             y = dec(torch.cat([up(y), skips.pop()], dim=1))
-        return self.head(y)[..., :h, :w]
+        y = self.head(y)
+        if self.input_stride > 1:
+            y = F.interpolate(y, scale_factor=self.input_stride, mode="bilinear", align_corners=False)
+        return y[..., :h, :w]

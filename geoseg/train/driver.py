@@ -217,7 +217,7 @@ def bundle_dir(t, overwrite: bool) -> Path:
 
 def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: float) -> dict:
     """Best weights -> measured halo -> filled card -> bundle (+ training.json with the history)."""
-    from geoseg.models.registry import load_model, save_bundle
+    from geoseg.models.registry import load_model, narrow_state_dict, save_bundle
     from geoseg.train.card_fill import make_card, measure_halo
     from geoseg.train.loop import build_module
 
@@ -233,6 +233,8 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
     if adjustment is not None:  # the offsets the best epoch was validated with become part of the model
         with torch.no_grad():
             _head(t, module, "train.logit_adjustment").bias += torch.as_tensor(adjustment)
+    if t.weights_dtype == "float16":  # round first: calibration, halo and the bundle all see the stored weights
+        module.load_state_dict(narrow_state_dict(module.state_dict(), torch.float16))
     calibration = _calibrate(t, plan, module) if t.calibrate_bias else None
     arch_params = dict(t.arch_params, in_channels=len(plan["band_names"]), num_classes=k)
     stride = int(getattr(module, "output_stride", 16))
@@ -266,7 +268,7 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
         f"{agree:.5f} of validation pixels at {halo} px." + cal,
     })
     out.mkdir(parents=True, exist_ok=True)
-    save_bundle(module, card, out)
+    save_bundle(module, card, out, dtype=torch.float16 if t.weights_dtype == "float16" else None)
     summary = {
         "bundle": str(out), "card": card.model_dump(mode="json"), "history": state["history"],
         "best_epoch": best_epoch, "halo": {"halo_px": halo, "agreement": agree, "tile_px": tile},
