@@ -142,8 +142,8 @@ def worker_loop(config: dict) -> None:
                "chips_per_s": round(float(stats[1]) / max(float(stats[2]) / world, 1e-9), 3)}
         if calibrated is not None:
             rec.update(val_miou_calibrated=round(calibrated, 5), logit_offset=offset)
-        if adjust is not None:  # the best epoch's offsets go into the bundle's head bias
-            rec.update(logit_adjustment=[round(float(v), 4) for v in adjust])
+        if adjust is not None:  # the best epoch's offsets go into the bundle's head bias: unrounded, as validated
+            rec.update(logit_adjustment=[float(v) for v in adjust])
         history.append(rec)
         stopped = bad >= t.early_stopping_patience
         if rank == 0:

@@ -34,7 +34,7 @@ def augment(image: np.ndarray, labels: np.ndarray, valid: np.ndarray, rng: np.ra
             mean = np.zeros((x.shape[0], 1, 1), np.float32)
         x = ((x - mean) * contrast + mean) * gain * band_gain
         x = np.maximum(x, 0.0) if image.min() >= 0 else x
-    if getattr(cfg, "saturation", 0) and x.shape[0] > 1:
+    if cfg.saturation and x.shape[0] > 1:
         # towards (or away from) the chip's grey: roofs of one material come in many colours
         grey = x.mean(axis=0, keepdims=True)
         x = grey + (x - grey) * (1.0 + cfg.saturation * u_sat)

@@ -274,6 +274,7 @@ def validate(module, loader, num_classes: int, device, amp_dtype=None, offsets: 
     module.eval()
     k = num_classes
     cm = np.zeros((k, k) if offsets is None else (len(offsets), k, k), np.int64)
+    shift_all = None if bias is None else torch.as_tensor(bias, dtype=torch.float32, device=device).view(1, k, 1, 1)
     for x, y in loader:
         x = x.to(device)
         if amp_dtype is not None:
@@ -281,8 +282,8 @@ def validate(module, loader, num_classes: int, device, amp_dtype=None, offsets: 
                 logits = module(x)
         else:
             logits = module(x)
-        if bias is not None:
-            logits = logits.float() + torch.as_tensor(bias, dtype=torch.float32, device=logits.device).view(1, k, 1, 1)
+        if shift_all is not None:
+            logits = logits.float() + shift_all
         if offsets is None:
             cm += confusion_matrix(logits.argmax(1).cpu(), y, k)
             continue
