@@ -42,6 +42,10 @@ class ModelConfig(_Section):
     autocast: Literal["none", "bf16", "fp16"] = Field(
         "none", description="mixed precision on CUDA; ignored on CPU (see benchmarks for its agreement)"
     )
+    tta: Literal["none", "flips", "d4"] | None = Field(
+        None, description="test-time augmentation: class probabilities averaged over the tile's flips "
+        "(4 passes) or its 8 flips and 90-degree rotations (d4); default: what the model's card recommends"
+    )
 
 
 class InputConfig(_Section):
@@ -271,6 +275,16 @@ class TrainConfig(_Section):
     )
     architecture: Literal["unet", "deeplabv3plus"] = "unet"
     arch_params: dict[str, Any] = Field(default_factory=dict)
+    init_from: str | None = Field(
+        None, description="fine-tuning: a model bundle (registered name or path) whose weights training starts "
+        "from; its architecture, arch_params, bands and classes must match these, its normalisation is kept, and "
+        "the logit offsets its card declares are taken out of the head first"
+    )
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights (and BatchNorm "
+        "statistics), updated every step with this decay (e.g. 0.998); validation, the best epoch and the bundle "
+        "use the average instead of the last step's weights"
+    )
     chip_px: int = Field(256, gt=0)
     sampling: Literal["grid", "random", "balanced"] = "grid"
     chips_per_epoch: int | None = Field(None, gt=0, description="random/balanced: chips drawn per epoch")

@@ -27,7 +27,7 @@ from geoseg.errors import ConfigError
 from geoseg.grid import Block
 from geoseg.plan import CONFIDENCE_NODATA, CONFIDENCE_SCALE
 
-__all__ = ["select_device", "default_batch_size", "Predictor", "BlockPrediction", "NODATA"]
+__all__ = ["select_device", "default_batch_size", "Predictor", "BlockPrediction", "NODATA", "TTA_VIEWS"]
 
 
 def select_device(requested: str = "auto") -> torch.device:
@@ -71,13 +71,25 @@ def _rel(inner: Window, outer: Window) -> tuple[slice, slice]:
     return slice(r0, r0 + int(inner.height)), slice(c0, c0 + int(inner.width))
 
 
+# test-time augmentation: (90-degree turns, then a left-right flip) per view; "flips" is the dihedral group's
+# reflections and half turn (identity, left-right, up-down = half turn + left-right, half turn)
+TTA_VIEWS = {
+    "none": [(0, False)],
+    "flips": [(0, False), (0, True), (2, True), (2, False)],
+    "d4": [(k, f) for k in range(4) for f in (False, True)],
+}
+
+
 class Predictor:
     """A model placed on a device, ready to predict blocks. Build once per worker (the weights load once)."""
 
     def __init__(self, model, device: str | torch.device = "auto", batch_size: int | None = None,
-                 autocast: str = "none"):
+                 autocast: str = "none", tta: str | None = None):
         self.model = model
         self.card = model.card
+        self.tta = tta or self.card.tta or "none"
+        if self.tta not in TTA_VIEWS:
+            raise ConfigError(f"model.tta {self.tta!r}: not one of {', '.join(TTA_VIEWS)}")
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.module = model.module.to(self.device).eval()
         self.batch_size = batch_size or default_batch_size(self.device)
@@ -102,14 +114,30 @@ class Predictor:
         t0 = time.perf_counter()
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
         x = self.card.normalization.apply(x)
-        with self._amp():
-            logits = self.module(x)
         self.model_calls += 1
-        classes = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()  # .cpu() waits for the device
-        conf = None
-        if confidence:  # float32 softmax whatever the autocast; max over classes is the argmax class's probability
-            p = torch.softmax(logits.float(), dim=1).amax(dim=1)
-            conf = torch.round(p * CONFIDENCE_SCALE).to(torch.uint8).cpu().numpy()
+        if self.tta == "none":
+            with self._amp():
+                logits = self.module(x)
+            classes = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()  # .cpu() waits for the device
+            conf = None
+            if confidence:  # float32 softmax whatever the autocast; max over classes is the argmax class's p
+                p = torch.softmax(logits.float(), dim=1).amax(dim=1)
+                conf = torch.round(p * CONFIDENCE_SCALE).to(torch.uint8).cpu().numpy()
+            self.forward_s += time.perf_counter() - t0
+            return classes, conf
+        prob = None
+        for turns, flip in TTA_VIEWS[self.tta]:  # each view's probabilities, turned back onto the tile's pixels
+            v = torch.rot90(x, turns, dims=(2, 3))
+            v = v.flip(3) if flip else v
+            with self._amp():
+                logits = self.module(v)
+            p = torch.softmax(logits.float(), dim=1)
+            p = torch.rot90(p.flip(3) if flip else p, -turns, dims=(2, 3))
+            prob = p if prob is None else prob + p
+        prob /= len(TTA_VIEWS[self.tta])
+        top, classes_t = prob.max(dim=1)
+        classes = classes_t.to(torch.uint8).cpu().numpy()
+        conf = torch.round(top * CONFIDENCE_SCALE).to(torch.uint8).cpu().numpy() if confidence else None
         self.forward_s += time.perf_counter() - t0
         return classes, conf
 

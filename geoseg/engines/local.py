@@ -50,6 +50,7 @@ class LocalEngine:
         predictor = None
         for item in items:
             if predictor is None and not item.resume:
-                predictor = Predictor(self.model, cfg.runtime.device, cfg.runtime.batch_size, cfg.model.autocast)
+                predictor = Predictor(self.model, cfg.runtime.device, cfg.runtime.batch_size, cfg.model.autocast,
+                                      cfg.model.tta)
             result = process_item(plans, item, predictor, cfg)
             yield BlockOutcome(item.scene, result.block_id, item.row, item.col, result.error, result)

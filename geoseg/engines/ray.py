@@ -148,11 +148,11 @@ def _check_output_location(cfg: JobConfig) -> None:
 class InferenceActor:
     """Holds one model on its device (loaded once) and predicts whole blocks, tiles batched."""
 
-    def __init__(self, device: str, batch_size: int | None, autocast: str, threads: int = 1):
+    def __init__(self, device: str, batch_size: int | None, autocast: str, threads: int = 1, tta: str | None = None):
         import torch
 
         torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor, no more
-        self.settings = (device, batch_size, autocast)  # for the Predictor, built with the first block
+        self.settings = (device, batch_size, autocast, tta)  # for the Predictor, built with the first block
         self.predictor = None
 
     def _predictor(self, model_box: list):
@@ -412,7 +412,8 @@ class RayEngine:
             num_cpus=rt.cpus_per_worker, num_gpus=gpus, max_restarts=0, max_task_retries=0,
             runtime_env={"env_vars": _WORKER_ENV},
         )
-        self._actor_args = (rt.device, rt.batch_size, cfg.model.autocast, max(1, int(rt.cpus_per_worker)))
+        self._actor_args = (rt.device, rt.batch_size, cfg.model.autocast, max(1, int(rt.cpus_per_worker)),
+                            cfg.model.tta)
         self.actors = [self._actor_cls.remote(*self._actor_args) for _ in range(rt.workers)]
         self.writer_actors.append(self._new_writer())
         self._gpus = gpus

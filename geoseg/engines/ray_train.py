@@ -36,7 +36,9 @@ def worker_loop(config: dict) -> None:
 
     from geoseg.config import TrainConfig
     from geoseg.train.loop import OFFSET_GRID, ChipDataset, ChipStore, best_offset, build_module
-    from geoseg.train.loop import cosine_with_warmup, iou_from_confusion, logit_adjustment, run_epoch, validate
+    from geoseg.train.loop import (
+        cosine_with_warmup, iou_from_confusion, logit_adjustment, run_epoch, validate, weight_average,
+    )
 
     plan = config["plan"]
     t = TrainConfig.model_validate(plan["train"])
@@ -49,7 +51,10 @@ def worker_loop(config: dict) -> None:
     k = len(plan["class_ids"])
     in_ch = len(plan["band_names"])
     module = build_module(t.architecture, t.arch_params, in_ch, k)
+    if plan.get("init_state") is not None:  # train.init_from (a resumed run loads its checkpoint below)
+        module.load_state_dict(plan["init_state"])
     module = ray.train.torch.prepare_model(module)
+    ema = weight_average(_unwrap(module), t.ema_decay) if t.ema_decay else None
     opt = torch.optim.AdamW(module.parameters(), lr=t.lr * (world if device.type == "cuda" else 1),
                             weight_decay=t.weight_decay)
     n0 = len(epoch_chips(plan, 0))
@@ -76,6 +81,11 @@ def worker_loop(config: dict) -> None:
                 "set train.resume=false (start over) or another train.checkpoint_dir"
             )
         _unwrap(module).load_state_dict(st["model"])
+        if ema is not None:
+            if st.get("ema") is None:
+                raise ConfigError(f"{t.checkpoint_dir or t.out}: the checkpoint to resume has no weight average "
+                                  "(train.ema_decay was off); set train.resume=false to start over")
+            ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         if scaler is not None and st.get("scaler"):
@@ -100,7 +110,10 @@ def worker_loop(config: dict) -> None:
         if rank == 0:
             bar = tqdm(total=min(len(loader), steps_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}", ascii=True,
                        file=sys.stdout, mininterval=15, dynamic_ncols=False, ncols=100)
-        r = run_epoch(module, loader, opt, sched, device, t.loss, scaler, amp_dtype, steps_per_epoch, bar)
+        step_hook = None if ema is None else (lambda: ema.update_parameters(_unwrap(module)))
+        r = run_epoch(module, loader, opt, sched, device, t.loss, scaler, amp_dtype, steps_per_epoch, bar,
+                      after_step=step_hook)
+        judged = _unwrap(module) if ema is None else ema.module  # the weights validated, kept and shipped
         if bar is not None:
             bar.close()
         t_val = time.monotonic()
@@ -112,7 +125,7 @@ def worker_loop(config: dict) -> None:
         seen += counts.cpu().numpy()
         adjust = logit_adjustment(seen, t.logit_adjustment) if t.logit_adjustment else None
         grid = OFFSET_GRID if t.calibrate_bias else None
-        cm = validate(module, val_loader, k, device, amp_dtype, offsets=grid, bias=adjust)
+        cm = validate(judged, val_loader, k, device, amp_dtype, offsets=grid, bias=adjust)
         cm_t = torch.from_numpy(cm).to(device)
         stats = torch.tensor([r["loss"] * r["chips"], r["chips"], r["seconds"]], dtype=torch.float64, device=device)
         if world > 1:
@@ -133,7 +146,7 @@ def worker_loop(config: dict) -> None:
         improved = score > best + 1e-6
         if improved:
             best, bad = score, 0
-            best_state = {kk: v.detach().cpu().clone() for kk, v in _unwrap(module).state_dict().items()}
+            best_state = {kk: v.detach().cpu().clone() for kk, v in judged.state_dict().items()}
         else:
             bad += 1
         rec = {"epoch": epoch + 1, "loss": round(loss, 5), "val_miou": round(miou, 5),
@@ -162,6 +175,7 @@ def worker_loop(config: dict) -> None:
                     "history": history, "model": _unwrap(module).state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                     "best_state": best_state, "confusion": cm, "class_pixels": seen,
+                    "ema": None if ema is None else ema.state_dict(),
                 }, os.path.join(tmp, STATE_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -220,12 +220,22 @@ class ModelCard(_Frozen):
     instances: InstanceSpec | None = Field(
         None, description="object instances: footprint and seed classes (absent: connected regions only)"
     )
+    tta: Literal["none", "flips", "d4"] | None = Field(
+        None, description="test-time augmentation the model was validated with and predict uses by default "
+        "(model.tta overrides): probabilities averaged over the tile's flips, or flips and rotations (d4)"
+    )
+    logit_offsets: list[float] | None = Field(
+        None, description="per-class offsets training folded into the head's bias (logit adjustment, calibration); "
+        "fine-tuning (train.init_from) takes them out again before it trains"
+    )
 
     @model_serializer(mode="wrap")
-    def _drop_absent_instances(self, handler):
-        data = handler(self)  # cards without instances serialise as before the field existed
-        if isinstance(data, dict) and data.get("instances", 0) is None:
-            data.pop("instances")
+    def _drop_absent_fields(self, handler):
+        data = handler(self)  # cards without these optional fields serialise as before the fields existed
+        if isinstance(data, dict):
+            for key in ("instances", "tta", "logit_offsets"):
+                if key in data and data[key] is None:
+                    data.pop(key)
         return data
 
     @field_validator("version", mode="before")
@@ -252,6 +262,8 @@ class ModelCard(_Frozen):
                 raise ValueError(f"{key}: must be [low, high] with low < high; got {list(lo_hi)}")
         if self.gsd_range_m is not None and not self.gsd_range_m[0] <= self.gsd_m <= self.gsd_range_m[1]:
             raise ValueError(f"gsd_range_m {list(self.gsd_range_m)} does not contain gsd_m {self.gsd_m}")
+        if self.logit_offsets is not None and len(self.logit_offsets) != len(self.classes):
+            raise ValueError(f"logit_offsets: {len(self.logit_offsets)} values for {len(self.classes)} classes")
         if self.instances is not None:
             unknown = sorted(set(self.instances.footprint_classes) - set(ids))
             if unknown:

@@ -37,7 +37,7 @@ from geoseg.train.data import (
 
 log = logging.getLogger("geoseg")
 
-__all__ = ["prepare_plan", "epoch_chips", "shard", "finish_bundle", "bundle_from_checkpoint", "bundle_dir",
+__all__ = ["prepare_plan", "init_weights", "epoch_chips", "shard", "finish_bundle", "bundle_from_checkpoint", "bundle_dir",
            "checkpoint_root", "latest_checkpoint_state", "load_train_config", "RUN_NAME", "STATE_FILE"]
 
 RUN_NAME = "geoseg-train"
@@ -125,10 +125,14 @@ def prepare_plan(cfg: JobConfig) -> dict:
     if not gsd_range[0] <= gsd <= gsd_range[1]:
         raise ConfigError(f"train.gsd_range_m {gsd_range} does not contain the training pixel size {gsd:.4g} m")
     band_names = _band_names(t, scenes)
-    fingerprint = hashlib.sha256(json.dumps({
-        "arch": t.architecture, "arch_params": t.arch_params, "classes": [c.model_dump() for c in t.classes],
-        "bands": band_names, "chip_px": t.chip_px,
-    }, sort_keys=True).encode()).hexdigest()[:16]
+    init_state = None
+    if t.init_from:  # fine-tuning: the weights expect the base model's normalisation, not this data's
+        init_state, mean, std = init_weights(t, band_names)
+    key = {"arch": t.architecture, "arch_params": t.arch_params, "classes": [c.model_dump() for c in t.classes],
+           "bands": band_names, "chip_px": t.chip_px}
+    if t.init_from:
+        key["init_from"] = t.init_from
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return {
         "train": t.model_dump(mode="json"),
         "scenes": scenes,
@@ -151,7 +155,40 @@ def prepare_plan(cfg: JobConfig) -> dict:
         "band_names": band_names,
         "dtype": scenes[0].dtype,
         "fingerprint": fingerprint,
+        "init_state": init_state,
     }
+
+
+def init_weights(t, band_names: list[str]) -> tuple[dict, list[float], list[float]]:
+    """``train.init_from``: (float32 state dict with the card's logit offsets taken out of the head's bias,
+    normalisation mean, std) of the base bundle, refused with the mismatch named when it cannot start this run."""
+    from geoseg.models.registry import load_model
+
+    base = load_model(t.init_from)
+    card = base.card
+    src = f"train.init_from {t.init_from!r}"
+    if card.architecture != t.architecture:
+        raise ConfigError(f"{src}: architecture {card.architecture!r}, but train.architecture is {t.architecture!r}")
+    params = {k: v for k, v in card.arch_params.items() if k not in ("in_channels", "num_classes")}
+    if params != dict(t.arch_params):
+        raise ConfigError(f"{src}: arch_params {params}, but train.arch_params is {dict(t.arch_params)}")
+    if list(card.bands) != list(band_names):
+        raise ConfigError(f"{src}: bands {list(card.bands)}, but the training images give {band_names} "
+                          "(set train.band_names / input_bands)")
+    names = [c.name for c in t.classes]
+    if [c.name for c in card.classes] != names:
+        raise ConfigError(f"{src}: classes {[c.name for c in card.classes]}, but train.classes is {names}")
+    norm = card.normalization
+    if norm.name != "standardize" or not {"mean", "std"} <= set(norm.params):
+        raise ConfigError(f"{src}: normalisation {norm.name!r}; fine-tuning needs a 'standardize' (mean, std) card")
+    sd = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+          for k, v in base.module.state_dict().items()}
+    if card.logit_offsets is not None and any(card.logit_offsets):  # trained logits, without post-hoc offsets
+        key = "head.bias"
+        if key not in sd:
+            raise ConfigError(f"{src}: the card declares logit offsets but the model has no head.bias")
+        sd[key] = sd[key] - torch.as_tensor(card.logit_offsets, dtype=torch.float32)
+    return sd, [float(v) for v in norm.params["mean"]], [float(v) for v in norm.params["std"]]
 
 
 def _region_weights(t, scenes, regions) -> np.ndarray | None:
@@ -251,6 +288,13 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
         images.append((data, valid))
         if len(images) >= t.halo_images:
             break
+    offsets = np.zeros(k)
+    if adjustment is not None:
+        offsets += np.asarray(adjustment, np.float64)
+    if calibration:
+        offsets += np.asarray(calibration["offsets"], np.float64)
+    if offsets.any():  # what the head's bias holds on top of the trained logits (fine-tuning removes it)
+        card = card.model_copy(update={"logit_offsets": [float(v) for v in offsets]})
     halo, agree, tile = measure_halo(module, card, images, t.halo_max_px)
     best_score = best_epoch.get("val_miou_calibrated", best_epoch.get("val_miou"))
     cal = ""

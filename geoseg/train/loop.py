@@ -32,6 +32,7 @@ __all__ = [
     "run_epoch",
     "validate",
     "logit_adjustment",
+    "weight_average",
 ]
 
 
@@ -200,8 +201,9 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
 
 
 def run_epoch(module, loader, optimizer, scheduler, device, loss_kind: str = "ce_dice", scaler=None,
-              amp_dtype=None, max_steps: int | None = None, progress=None) -> dict:
-    """One pass of training over ``loader``; returns mean loss, chips and seconds."""
+              amp_dtype=None, max_steps: int | None = None, progress=None, after_step=None) -> dict:
+    """One pass of training over ``loader``; returns mean loss, chips and seconds. ``after_step()`` runs after
+    every optimiser step (e.g. a weight average's update)."""
     module.train()
     total, n, steps = 0.0, 0, 0
     counts = None
@@ -226,6 +228,8 @@ def run_epoch(module, loader, optimizer, scheduler, device, loss_kind: str = "ce
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if after_step is not None:
+            after_step()
         total += float(loss.detach()) * x.shape[0]
         n += x.shape[0]
         steps += 1
@@ -237,6 +241,14 @@ def run_epoch(module, loader, optimizer, scheduler, device, loss_kind: str = "ce
     class_pixels = np.zeros(IGNORE, np.int64) if counts is None else counts.cpu().numpy().astype(np.int64)
     return {"loss": total / max(n, 1), "chips": n, "seconds": time.monotonic() - t0, "steps": steps,
             "class_pixels": class_pixels}
+
+
+def weight_average(module: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``module``'s parameters and buffers (BatchNorm statistics too, so the
+    average is a model that runs as it is); ``.update_parameters(module)`` after each step, ``.module`` is it."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def logit_adjustment(class_pixels: np.ndarray, tau: float) -> np.ndarray:

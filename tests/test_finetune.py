@@ -1,0 +1,187 @@
+"""Fine-tuning (train.init_from), the weight average (train.ema_decay) and test-time augmentation (model.tta).
+
+Real data: area2 chips of ../shared/data/buildings and the shipped ``buildings`` model; bundles built here are
+written to tmp_path.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from geoseg.config import config_from_dict
+from geoseg.errors import ConfigError
+from geoseg.infer import TTA_VIEWS, Predictor
+from geoseg.models import get_model, load_model, save_bundle
+from geoseg.models.card import ModelCard
+from geoseg.train.driver import prepare_plan
+from geoseg.train.loop import weight_average
+from tests.conftest import SHARED_DATA, _require
+
+VAL = SHARED_DATA / "buildings" / "area2" / "val"
+TRAIN = SHARED_DATA / "buildings" / "area2" / "train"
+CLASSES = [{"id": 0, "name": "background", "color": "#000000"}, {"id": 1, "name": "building", "color": "#FF0000"}]
+ARCH = {"base_channels": 4, "depth": 2}
+
+
+def _sources(n=2):
+    imgs = sorted(_require(TRAIN / "images").glob("*.tif"))[:n]
+    vals = sorted(_require(VAL / "images").glob("*.tif"))[:1]
+    return [{"kind": "rasters", "images": [str(p) for p in imgs], "labels": str(TRAIN / "masks" / "{stem}.mask.tif"),
+             "split": "train"},
+            {"kind": "rasters", "images": [str(p) for p in vals], "labels": str(VAL / "masks" / "{stem}.mask.tif"),
+             "split": "val"}]
+
+
+@pytest.fixture(scope="module")
+def base_bundle(tmp_path_factory) -> Path:
+    """A small U-Net bundle with RGB bands, two classes, its own normalisation and declared logit offsets."""
+    torch.manual_seed(3)
+    module = get_model("unet", in_channels=3, num_classes=2, **ARCH)
+    with torch.no_grad():
+        module.head.bias.copy_(torch.tensor([0.25, 2.0]))
+    card = ModelCard(
+        name="base", version="1", architecture="unet", arch_params={"in_channels": 3, "num_classes": 2, **ARCH},
+        bands=["red", "green", "blue"], input_dtype="uint8",
+        normalization={"name": "standardize", "params": {"mean": [100.0, 110.0, 90.0], "std": [40.0, 41.0, 42.0]}},
+        gsd_m=0.15, classes=CLASSES, output_stride=4, halo_px=16, license="test", attribution="test",
+        logit_offsets=[0.0, 1.5],
+    )
+    return save_bundle(module, card, tmp_path_factory.mktemp("finetune") / "base")
+
+
+def _cfg(base, **train):
+    t = {"classes": CLASSES, "sources": _sources(), "band_names": ["red", "green", "blue"], "chip_px": 64,
+         "arch_params": ARCH, "init_from": str(base)}
+    t.update(train)
+    return config_from_dict({"train": t})
+
+
+def test_init_from_starts_from_the_bundles_trained_logits_and_normalisation(base_bundle):
+    plan = prepare_plan(_cfg(base_bundle))
+    base = load_model(base_bundle)
+    sd = plan["init_state"]
+    for k, v in base.module.state_dict().items():
+        if k != "head.bias":
+            assert torch.equal(sd[k], v.float()), k
+    # the card's offsets (logit adjustment folded in at training) come out, so training sees its own logits
+    assert torch.allclose(sd["head.bias"], torch.tensor([0.25, 0.5]))
+    assert plan["mean"] == [100.0, 110.0, 90.0] and plan["std"] == [40.0, 41.0, 42.0]
+    # a run from scratch on the same data computes its own statistics and has another checkpoint fingerprint
+    scratch = prepare_plan(_cfg(base_bundle, init_from=None))
+    assert scratch["init_state"] is None and scratch["mean"] != plan["mean"]
+    assert scratch["fingerprint"] != plan["fingerprint"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"architecture": "deeplabv3plus", "arch_params": {}}, r"architecture 'unet', but train.architecture is "
+                                                           r"'deeplabv3plus'"),
+    ({"arch_params": {"base_channels": 8, "depth": 2}}, r"arch_params \{'base_channels': 4, 'depth': 2\}, but"),
+    ({"band_names": ["r", "g", "b"]}, r"bands \['red', 'green', 'blue'\], but the training images give"),
+    ({"classes": [{"id": 0, "name": "other"}, {"id": 1, "name": "building"}]},
+     r"classes \['background', 'building'\], but train.classes is \['other', 'building'\]"),
+])
+def test_init_from_refuses_a_bundle_that_does_not_fit(base_bundle, change, message):
+    with pytest.raises(ConfigError, match=r"train.init_from '.*base': " + message):
+        prepare_plan(_cfg(base_bundle, **change))
+
+
+def test_init_from_an_unknown_model_names_the_known_ones(tmp_path):
+    with pytest.raises(Exception, match=r"unknown model 'no-such-model'.*buildings"):
+        prepare_plan(_cfg("no-such-model"))
+
+
+def test_card_logit_offsets_are_checked_and_left_out_when_absent(base_bundle):
+    card = load_model(base_bundle).card
+    assert card.logit_offsets == [0.0, 1.5]
+    with pytest.raises(ValueError, match="logit_offsets: 3 values for 2 classes"):
+        ModelCard.model_validate({**card.model_dump(), "logit_offsets": [0, 1, 2]})
+    plain = card.model_copy(update={"logit_offsets": None}).model_dump()
+    assert "logit_offsets" not in plain and "tta" not in plain
+    shipped = load_model("buildings").card  # the head bias of the shipped model holds its logit adjustment
+    assert shipped.logit_offsets is not None and shipped.logit_offsets[0] == 0 and shipped.logit_offsets[1] > 1
+
+
+def test_weight_average_is_an_ema_of_weights_and_batchnorm_statistics():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+    ema = weight_average(m, 0.9)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    expect = None
+    for step in range(5):
+        m.train()
+        loss = m(torch.randn(2, 3, 8, 8) + step).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update_parameters(m)
+        now = {k: v.detach().clone().float() for k, v in m.state_dict().items() if v.is_floating_point()}
+        expect = now if expect is None else {k: 0.9 * expect[k] + 0.1 * now[k] for k in now}
+    got = ema.module.state_dict()
+    for k, v in expect.items():  # parameters and BatchNorm running statistics alike
+        assert torch.allclose(got[k].float(), v, atol=1e-6), k
+    assert not torch.allclose(got["1.running_mean"], m.state_dict()["1.running_mean"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# test-time augmentation
+
+
+def test_tta_averages_each_views_probabilities_on_the_tiles_pixels(base_bundle):
+    model = load_model(base_bundle)
+    rng = np.random.default_rng(0)
+    batch = rng.uniform(0, 255, (2, 3, 32, 48)).astype(np.float32)  # not square: turned views swap the sides
+    for mode in ("flips", "d4"):
+        pred = Predictor(model, "cpu", tta=mode)
+        classes, conf = pred.forward(batch, confidence=True)
+        x = model.card.normalization.apply(torch.from_numpy(batch))
+        acc = torch.zeros(2, 2, 32, 48)
+        for turns, flip in TTA_VIEWS[mode]:
+            v = torch.rot90(x, turns, dims=(2, 3))
+            v = v.flip(3) if flip else v
+            with torch.no_grad():
+                p = model.module(v).softmax(1)
+            acc += torch.rot90(p.flip(3) if flip else p, -turns, dims=(2, 3))
+        acc /= len(TTA_VIEWS[mode])
+        assert np.array_equal(classes, acc.argmax(1).numpy())
+        assert np.abs(conf.astype(int) - np.round(acc.amax(1).numpy() * 254)).max() <= 1
+        assert pred.model_calls == 1
+    plain = Predictor(model, "cpu").forward(batch, confidence=True)[1]
+    assert not np.array_equal(plain, Predictor(model, "cpu", tta="d4").forward(batch, confidence=True)[1])
+
+
+def test_tta_default_comes_from_the_card_and_bad_modes_are_refused(base_bundle):
+    model = load_model(base_bundle)
+    assert Predictor(model, "cpu").tta == "none"
+    with_tta = type(model)(card=model.card.model_copy(update={"tta": "flips"}), module=model.module)
+    assert Predictor(with_tta, "cpu").tta == "flips"
+    assert Predictor(with_tta, "cpu", tta="none").tta == "none"
+    with pytest.raises(ConfigError, match=r"model.tta 'rot': not one of none, flips, d4"):
+        Predictor(model, "cpu", tta="rot")
+    with pytest.raises(ConfigError, match=r"model.tta"):
+        config_from_dict({"model": {"tta": "rot"}})
+
+
+@pytest.mark.slow
+def test_tta_mask_does_not_depend_on_the_block_size(tmp_path):
+    """d4 on the shipped buildings model, a real zoom-21 chip cut into 64 px tiles by 64 and 256 px blocks."""
+    from geoseg.api import predict
+
+    img = _require(VAL / "images" / "OAM-1238426-1046546-21.tif")
+    masks = {}
+    for bp in (64, 256):
+        out = tmp_path / f"b{bp}"
+        predict([str(img)], str(out), model="buildings",
+                overrides=("runtime.engine=local", "output.report=false", "vector.formats=[parquet]",
+                           "model.tta=d4", "tiling.tile_px=64", f"tiling.block_px={bp}"))
+        masks[bp] = out / img.stem / "mask.tif"
+    assert masks[64].read_bytes() == masks[256].read_bytes()
+    with rasterio.open(masks[64]) as m, rasterio.open(img) as i:
+        assert (m.crs, m.transform, m.shape) == (i.crs, i.transform, i.shape)
+        assert 0.2 < (m.read(1) == 1).mean() < 0.95
+    shutil.rmtree(tmp_path, ignore_errors=True)
