@@ -185,3 +185,50 @@ def test_tta_mask_does_not_depend_on_the_block_size(tmp_path):
         assert (m.crs, m.transform, m.shape) == (i.crs, i.transform, i.shape)
         assert 0.2 < (m.read(1) == 1).mean() < 0.95
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# U-Net stems and widths
+
+
+def test_space_to_depth_stem_starts_from_the_averaging_models_function(tmp_path):
+    """init_from an averaging-stem bundle into a space_to_depth U-Net: the converted weights compute the same
+    logits, and every other tensor is the base model's."""
+    torch.manual_seed(1)
+    arch = {"base_channels": 4, "depth": 2, "input_stride": 2}
+    module = get_model("unet", in_channels=3, num_classes=2, **arch).eval()
+    card = ModelCard(
+        name="avg", version="1", architecture="unet", arch_params={"in_channels": 3, "num_classes": 2, **arch},
+        bands=["red", "green", "blue"], input_dtype="uint8",
+        normalization={"name": "standardize", "params": {"mean": [120.0] * 3, "std": [40.0] * 3}},
+        gsd_m=0.15, classes=CLASSES, output_stride=8, halo_px=16, license="test", attribution="test",
+    )
+    bundle = save_bundle(module, card, tmp_path / "avg")
+    plan = prepare_plan(_cfg(bundle, arch_params={**arch, "stem": "space_to_depth"}))
+    wide = get_model("unet", in_channels=3, num_classes=2, **arch, stem="space_to_depth").eval()
+    wide.load_state_dict(plan["init_state"])
+    assert wide.inc[0].weight.shape[1] == 12
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        assert torch.allclose(wide(x), module(x), atol=1e-5)
+        # and it is a different network: sub-pixel detail that averaging removes now reaches the first convolution
+        checker = torch.zeros(1, 3, 32, 32)
+        checker[..., ::2, ::2] = 3.0
+        flat = torch.full((1, 3, 32, 32), 0.75)
+        assert torch.allclose(module(checker), module(flat), atol=1e-5)
+        wide.inc[0].weight.add_(torch.randn_like(wide.inc[0].weight))
+        assert not torch.allclose(wide(checker), wide(flat), atol=1e-3)
+    with pytest.raises(ConfigError, match=r"arch_params .*'stem': 'space_to_depth'.*but train.arch_params"):
+        prepare_plan(_cfg(bundle, arch_params={**arch, "stem": "space_to_depth", "depth": 3}))
+
+
+def test_unet_stem_and_max_channels_are_checked_and_cap_the_widths():
+    capped = get_model("unet", in_channels=3, num_classes=2, base_channels=8, depth=5, max_channels=32)
+    assert [d[0].out_channels for d in capped.down] == [16, 32, 32, 32, 32]
+    assert capped.output_stride == 32
+    x = torch.randn(1, 3, 64, 96)
+    assert capped(x).shape == (1, 2, 64, 96)
+    with pytest.raises(ValueError, match=r"stem must be one of avg, space_to_depth; got 'conv'"):
+        get_model("unet", in_channels=3, num_classes=2, input_stride=2, stem="conv")
+    with pytest.raises(ValueError, match=r"max_channels \(4\) must be >= base_channels \(8\)"):
+        get_model("unet", in_channels=3, num_classes=2, base_channels=8, max_channels=4)

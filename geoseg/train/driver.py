@@ -170,6 +170,11 @@ def init_weights(t, band_names: list[str]) -> tuple[dict, list[float], list[floa
     if card.architecture != t.architecture:
         raise ConfigError(f"{src}: architecture {card.architecture!r}, but train.architecture is {t.architecture!r}")
     params = {k: v for k, v in card.arch_params.items() if k not in ("in_channels", "num_classes")}
+    # a U-Net's averaging stem may become a space_to_depth one: same function to start from, finer texture to learn
+    widen = (t.architecture == "unet" and params.get("stem", "avg") == "avg" and params.get("input_stride", 1) > 1
+             and t.arch_params.get("stem") == "space_to_depth")
+    if widen:
+        params["stem"] = "space_to_depth"
     if params != dict(t.arch_params):
         raise ConfigError(f"{src}: arch_params {params}, but train.arch_params is {dict(t.arch_params)}")
     if list(card.bands) != list(band_names):
@@ -183,6 +188,10 @@ def init_weights(t, band_names: list[str]) -> tuple[dict, list[float], list[floa
         raise ConfigError(f"{src}: normalisation {norm.name!r}; fine-tuning needs a 'standardize' (mean, std) card")
     sd = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
           for k, v in base.module.state_dict().items()}
+    if widen:
+        from geoseg.models.unet import avg_stem_to_space_to_depth
+
+        sd = avg_stem_to_space_to_depth(sd, params["input_stride"])
     if card.logit_offsets is not None and any(card.logit_offsets):  # trained logits, without post-hoc offsets
         key = "head.bias"
         if key not in sd:
