@@ -262,7 +262,8 @@ def train(config: str, overrides: tuple[str, ...], overwrite: bool, from_checkpo
         _fail(e)
     best = summary["best_epoch"]
     click.echo(f"bundle     {summary['bundle']}")
-    click.echo(f"best epoch {best.get('epoch')}: val mIoU {best.get('val_miou')} {best.get('val_iou')}")
+    which = "last epoch" if summary.get("keep") == "last" else "best epoch"
+    click.echo(f"{which} {best.get('epoch')}: val mIoU {best.get('val_miou')} {best.get('val_iou')}")
     click.echo(f"halo       {summary['halo']['halo_px']} px (tiled vs whole agreement {summary['halo']['agreement']:.5f})")
 
 

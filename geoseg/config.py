@@ -280,6 +280,10 @@ class TrainConfig(_Section):
         "from; its architecture, arch_params, bands and classes must match these, its normalisation is kept, and "
         "the logit offsets its card declares are taken out of the head first"
     )
+    keep: Literal["best", "last"] = Field(
+        "best", description="the weights the bundle gets: the epoch with the best val mIoU, or the last epoch's "
+        "(with ema_decay: the average at the end of the schedule; validation then chooses nothing)"
+    )
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="keep an exponential moving average of the weights (and BatchNorm "
         "statistics), updated every step with this decay (e.g. 0.998); validation, the best epoch and the bundle "
@@ -486,7 +490,8 @@ def relative_to_file(data: Any, base: Path) -> Any:
 
 
 def _train_relative_to(data: dict, base: Path) -> dict:
-    """Relative local paths of ``train:`` (sources, out, checkpoint_dir), normalised, ``~`` left to expand."""
+    """Relative local paths of ``train:`` (sources, out, checkpoint_dir, an init_from bundle path), normalised,
+    ``~`` left to expand."""
     import os
 
     if not isinstance(data.get("train"), dict):
@@ -500,6 +505,9 @@ def _train_relative_to(data: dict, base: Path) -> dict:
     for key in ("out", "checkpoint_dir"):
         if key in tr:
             tr[key] = fix(tr[key])
+    init = tr.get("init_from")
+    if isinstance(init, str) and ("/" in init or init.startswith(".")):  # a bundle path, not a registered name
+        tr["init_from"] = fix(init)
     if isinstance(tr.get("sources"), list):
         srcs = []
         for s in tr["sources"]:

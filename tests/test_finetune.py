@@ -232,3 +232,15 @@ def test_unet_stem_and_max_channels_are_checked_and_cap_the_widths():
         get_model("unet", in_channels=3, num_classes=2, input_stride=2, stem="conv")
     with pytest.raises(ValueError, match=r"max_channels \(4\) must be >= base_channels \(8\)"):
         get_model("unet", in_channels=3, num_classes=2, base_channels=8, max_channels=4)
+
+
+def test_init_from_a_bundle_path_is_relative_to_the_job_file_and_a_name_stays_a_name(tmp_path, monkeypatch):
+    from geoseg.config import load_config
+
+    (tmp_path / "configs").mkdir()
+    job = tmp_path / "configs" / "ft.yaml"
+    job.write_text("train:\n  init_from: ../out/base\n")
+    monkeypatch.chdir("/")
+    assert load_config(job).train.init_from == str(tmp_path / "out" / "base")
+    job.write_text("train:\n  init_from: buildings\n")
+    assert load_config(job).train.init_from == "buildings"

@@ -431,7 +431,7 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
         "arch_params": {"base_channels": 4, "depth": 2}, "chip_px": 128, "batch_size": 2,
         "epochs": 8, "max_steps_per_epoch": 3, "num_workers": 2, "use_gpu": False, "torch_threads": 1,
         "early_stopping_patience": 20, "halo_max_px": 48, "halo_images": 1, "out": str(out), "checkpoint_dir": str(ckpt),
-        "calibrate_bias": True, "logit_adjustment": 1.0, "weights_dtype": "float16",
+        "calibrate_bias": True, "logit_adjustment": 1.0, "weights_dtype": "float16", "ema_decay": 0.9, "keep": "last",
     }, "runtime": {"address": address}}
     cfg_path = tmp_path / "train.yaml"
     cfg_path.write_text(yaml.safe_dump(job))
@@ -489,6 +489,15 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
                 pixels += class_histogram(store.chip(c)[2])[:2]
     assert np.allclose(summary["history"][-1]["logit_adjustment"], logit_adjustment(pixels, 1.0), atol=1e-4)
     assert summary["logit_adjustment"] == summary["best_epoch"]["logit_adjustment"]
+    # keep: last with ema_decay: the bundle has the weight average of the last epoch, which counted every step of
+    # all 8 epochs (restored from the checkpoint across the SIGKILL, not restarted)
+    assert summary["keep"] == "last" and summary["best_epoch"]["epoch"] == 8
+    from geoseg.train.driver import last_weights, latest_checkpoint_state
+
+    state = latest_checkpoint_state(config_from_dict(job))
+    assert int(state["ema"]["n_averaged"]) == 8 * 3
+    kept = last_weights(state)
+    assert set(kept) == set(state["model"]) and not torch.equal(kept["inc.0.weight"], state["model"]["inc.0.weight"])
     assert summary["logit_adjustment"][0] == 0 and summary["logit_adjustment"][1] > 0  # buildings are the rarer
 
     from geoseg.models import load_model
@@ -502,6 +511,11 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
     assert card.bands == ["red", "green", "blue"] and card.class_names == ["background", "building"]
     assert card.normalization.name == "standardize" and len(card.normalization.params["mean"]) == 3
     assert card.halo_px == summary["halo"]["halo_px"] and card.output_stride == 4
+    assert "the last epoch's weights (8," in card.description and "moving average" in card.description
+    # the head holds the last epoch's logit adjustment plus the calibrated offset, and the card says so
+    assert np.allclose(card.logit_offsets, np.add(summary["logit_adjustment"], cal["offsets"]))
+    expect = kept["head.bias"].float() + torch.tensor(card.logit_offsets, dtype=torch.float32)
+    assert torch.allclose(model.module.head.bias, expect.half().float(), atol=1e-3)
 
     # geoseg predict with the new bundle writes a mask on the input's grid
     img = sorted((bld / "area2" / "val" / "images").glob("*.tif"))[0]

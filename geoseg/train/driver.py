@@ -38,7 +38,7 @@ from geoseg.train.data import (
 log = logging.getLogger("geoseg")
 
 __all__ = ["prepare_plan", "init_weights", "epoch_chips", "shard", "finish_bundle", "bundle_from_checkpoint", "bundle_dir",
-           "checkpoint_root", "latest_checkpoint_state", "load_train_config", "RUN_NAME", "STATE_FILE"]
+           "checkpoint_root", "latest_checkpoint_state", "last_weights", "load_train_config", "RUN_NAME", "STATE_FILE"]
 
 RUN_NAME = "geoseg-train"
 STATE_FILE = "state.pt"
@@ -270,12 +270,16 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
     t = cfg.train
     k = len(plan["class_ids"])
     module = build_module(t.architecture, t.arch_params, len(plan["band_names"]), k)
-    module.load_state_dict(state["best_state"] or state["model"])
+    hist = state["history"]
+    if t.keep == "last":
+        module.load_state_dict(last_weights(state))
+        chosen = hist[-1] if hist else {}
+    else:
+        module.load_state_dict(state["best_state"] or state["model"])
+        chosen = max(hist, key=lambda r: r.get("val_miou_calibrated", r["val_miou"])) if hist else {}
     module.eval()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    hist = state["history"]
-    best_epoch = max(hist, key=lambda r: r.get("val_miou_calibrated", r["val_miou"])) if hist else {}
-    adjustment = best_epoch.get("logit_adjustment")
+    adjustment = chosen.get("logit_adjustment")
     if adjustment is not None:  # the offsets the best epoch was validated with become part of the model
         with torch.no_grad():
             _head(t, module, "train.logit_adjustment").bias += torch.as_tensor(adjustment)
@@ -305,7 +309,7 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
     if offsets.any():  # what the head's bias holds on top of the trained logits (fine-tuning removes it)
         card = card.model_copy(update={"logit_offsets": [float(v) for v in offsets]})
     halo, agree, tile = measure_halo(module, card, images, t.halo_max_px)
-    best_score = best_epoch.get("val_miou_calibrated", best_epoch.get("val_miou"))
+    best_score = chosen.get("val_miou_calibrated", chosen.get("val_miou"))
     cal = ""
     if adjustment is not None:
         cal += (f" Logit adjustment (tau {t.logit_adjustment}, class priors of the training chips): offsets "
@@ -316,15 +320,17 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
     card = card.model_copy(update={
         "halo_px": halo,
         "description": (card.description + " " if card.description else "")
-        + f"Trained with geoseg train: {len(plan['scenes'])} images, best val mIoU {best_score} at epoch "
-        f"{best_epoch.get('epoch')}. Halo measured: tiled ({tile} px tiles) vs whole-image inference agree on "
+        + f"Trained with geoseg train: {len(plan['scenes'])} images, "
+        + (f"the last epoch's weights ({chosen.get('epoch')}, val mIoU {best_score})" if t.keep == "last" else
+           f"best val mIoU {best_score} at epoch {chosen.get('epoch')}") + (
+           ", a moving average of the weights" if t.ema_decay else "") + f". Halo measured: tiled ({tile} px tiles) vs whole-image inference agree on "
         f"{agree:.5f} of validation pixels at {halo} px." + cal,
     })
     out.mkdir(parents=True, exist_ok=True)
     save_bundle(module, card, out, dtype=torch.float16 if t.weights_dtype == "float16" else None)
     summary = {
         "bundle": str(out), "card": card.model_dump(mode="json"), "history": state["history"],
-        "best_epoch": best_epoch, "halo": {"halo_px": halo, "agreement": agree, "tile_px": tile},
+        "best_epoch": chosen, "keep": t.keep, "halo": {"halo_px": halo, "agreement": agree, "tile_px": tile},
         "class_pixels": plan["class_pixels"], "scenes": len(plan["scenes"]), "seconds": round(seconds, 1),
         "val_chips": len(plan["val_chips"]), "logit_adjustment": adjustment,
         "calibration": calibration,
@@ -332,6 +338,14 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
     (out / "training.json").write_text(json.dumps(summary, indent=1))
     load_model(out)  # the bundle must load
     return summary
+
+
+def last_weights(state: dict) -> dict:
+    """The last epoch's weights of a checkpoint: its weight average when training kept one (train.ema_decay)."""
+    ema = state.get("ema")
+    if ema is None:
+        return state["model"]
+    return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}  # AveragedModel's keys
 
 
 def _head(t, module: torch.nn.Module, option: str) -> torch.nn.Conv2d:
