@@ -192,7 +192,8 @@ def models(as_json: bool) -> None:
     for c in cards:
         click.echo(f"{c.name}  (version {c.version}, architecture {c.architecture})")
         click.echo(f"  bands        {', '.join(c.bands)}  [{c.input_dtype}]")
-        click.echo(f"  gsd          {c.gsd_m} m; output stride {c.output_stride}; halo {c.halo_px} px")
+        click.echo(f"  gsd          {c.gsd_m} m; output stride {c.output_stride}; halo {c.halo_px} px"
+                   + (f"; tiles {c.tile_px} px" if c.tile_px else "") + (f"; tta {c.tta}" if c.tta else ""))
         click.echo(f"  classes      {', '.join(f'{k.id} {k.name}' for k in c.classes)}")
         click.echo(f"  licence      {c.license}")
 

@@ -99,7 +99,10 @@ class InputConfig(_Section):
 
 
 class TilingConfig(_Section):
-    tile_px: int = Field(256, gt=0, description="model input tile side before the halo, in pixels")
+    tile_px: int | None = Field(
+        None, gt=0, description="model input tile side before the halo, in pixels; default: the model card's "
+        "tile_px (a model with a wide halo runs larger tiles), else 256"
+    )
     block_px: int = Field(1024, gt=0, description="side of one unit of work (whole tiles), in pixels")
     halo_px: int | None = Field(None, ge=0, description="context around each tile; default: the model card's")
 
@@ -284,6 +287,10 @@ class TrainConfig(_Section):
         "best", description="the weights the bundle gets: the epoch with the best val mIoU, or the last epoch's "
         "(with ema_decay: the average at the end of the schedule; validation then chooses nothing)"
     )
+    tta: Literal["none", "flips", "d4"] | None = Field(
+        None, description="the card's test-time augmentation: what geoseg predict does with this model by default "
+        "(model.tta overrides); epochs are validated without it"
+    )
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="keep an exponential moving average of the weights (and BatchNorm "
         "statistics), updated every step with this decay (e.g. 0.998); validation, the best epoch and the bundle "
@@ -373,7 +380,7 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _block_holds_whole_tiles(self):
         t = self.tiling
-        if t.block_px % t.tile_px:
+        if t.tile_px is not None and t.block_px % t.tile_px:
             raise ValueError(
                 f"tiling.block_px ({t.block_px}) must be a multiple of tiling.tile_px ({t.tile_px})"
             )

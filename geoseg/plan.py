@@ -18,13 +18,15 @@ from geoseg.grid import TileGrid
 from geoseg.io import contract, raster, store
 
 __all__ = ["ScenePlan", "plan_scene", "scene_stem", "aoi_mask", "partial_dir", "parts_dir", "SINGLE_FILE_MAX_PX",
-           "wants_confidence", "CONFIDENCE_SCALE", "CONFIDENCE_NODATA"]
+           "wants_confidence", "CONFIDENCE_SCALE", "CONFIDENCE_NODATA", "DEFAULT_TILE_PX", "tile_size"]
 
 #: confidence rasters (``output.confidence``): uint8 ``round(probability of the predicted class * 254)``, 255 nodata
 CONFIDENCE_SCALE = 254
 CONFIDENCE_NODATA = 255
 #: ``vector.single_file`` unset: scenes up to this many pixels get one file per format from their writer.
 SINGLE_FILE_MAX_PX = 8192 * 8192
+#: tile side when neither tiling.tile_px nor the model card sets one
+DEFAULT_TILE_PX = 256
 
 
 def scene_stem(path: str) -> str:
@@ -109,6 +111,18 @@ def vector_parts(cfg: JobConfig, shape: tuple[int, int], sieve_px: int) -> bool:
     return not v.single_file
 
 
+def tile_size(cfg: JobConfig, card) -> int:
+    """``tiling.tile_px``, else the card's ``tile_px``, else ``DEFAULT_TILE_PX``; refused (naming where it came
+    from) when ``tiling.block_px`` does not hold whole tiles of it."""
+    tile = cfg.tiling.tile_px or card.tile_px or DEFAULT_TILE_PX
+    if cfg.tiling.tile_px is None and card.tile_px and cfg.tiling.block_px % tile:
+        raise ConfigError(
+            f"tiling.block_px ({cfg.tiling.block_px}) must be a multiple of the tile side {tile} that model "
+            f"{card.name!r} asks for (its card's tile_px); set tiling.block_px to a multiple of it, or tiling.tile_px"
+        )
+    return tile
+
+
 def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
     """Open and validate ``path`` against the model card (the input contract) and the tiling config."""
     with raster.open_raster(path, cfg.storage) as src:
@@ -117,7 +131,7 @@ def plan_scene(index: int, path: str, cfg: JobConfig, card) -> ScenePlan:
     bands = raster.resolve_bands(info, card.bands, cfg.input.bands)
     halo = card.halo_px if cfg.tiling.halo_px is None else cfg.tiling.halo_px
     grid = TileGrid(
-        shape=info.shape, transform=info.transform, crs=info.crs_wkt, tile_px=cfg.tiling.tile_px,
+        shape=info.shape, transform=info.transform, crs=info.crs_wkt, tile_px=tile_size(cfg, card),
         halo_px=halo, block_px=cfg.tiling.block_px, stride_px=card.output_stride,
     )
     out_dir = store.join(cfg.output.dir, scene_stem(path))

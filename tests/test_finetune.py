@@ -49,8 +49,8 @@ def base_bundle(tmp_path_factory) -> Path:
         name="base", version="1", architecture="unet", arch_params={"in_channels": 3, "num_classes": 2, **ARCH},
         bands=["red", "green", "blue"], input_dtype="uint8",
         normalization={"name": "standardize", "params": {"mean": [100.0, 110.0, 90.0], "std": [40.0, 41.0, 42.0]}},
-        gsd_m=0.15, classes=CLASSES, output_stride=4, halo_px=16, license="test", attribution="test",
-        logit_offsets=[0.0, 1.5],
+        gsd_m=0.15, gsd_range_m=(0.05, 0.5), classes=CLASSES, output_stride=4, halo_px=16, license="test",
+        attribution="test", logit_offsets=[0.0, 1.5],
     )
     return save_bundle(module, card, tmp_path_factory.mktemp("finetune") / "base")
 
@@ -244,3 +244,51 @@ def test_init_from_a_bundle_path_is_relative_to_the_job_file_and_a_name_stays_a_
     assert load_config(job).train.init_from == str(tmp_path / "out" / "base")
     job.write_text("train:\n  init_from: buildings\n")
     assert load_config(job).train.init_from == "buildings"
+
+
+def test_train_tta_goes_into_the_card_as_the_models_default():
+    from geoseg.train.card_fill import make_card
+
+    for tta, expect in ((None, None), ("none", None), ("d4", "d4")):
+        cfg = config_from_dict({"train": {"classes": CLASSES, "tta": tta}})
+        card = make_card(cfg.train, band_names=["r", "g", "b"], mean=[0.0] * 3, std=[1.0] * 3, gsd_m=0.1,
+                         dtype="uint8", output_stride=4, halo_px=0, arch_params={"in_channels": 3, "num_classes": 2,
+                                                                                 **ARCH})
+        assert card.tta == expect
+        assert ("tta" in card.model_dump()) == (expect is not None)
+        module = get_model("unet", in_channels=3, num_classes=2, **ARCH)
+        assert Predictor(type(load_model("buildings"))(card=card, module=module), "cpu").tta == (expect or "none")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the card's tile side
+
+
+def test_card_tile_px_from_the_measured_halo_and_its_use_in_planning(base_bundle, tmp_path):
+    from geoseg.plan import DEFAULT_TILE_PX, tile_size
+    from geoseg.train.card_fill import recommended_tile_px
+
+    assert [recommended_tile_px(h, 32) for h in (0, 64, 65, 128, 160, 192, 1000)] == [
+        None, None, 512, 512, 1024, 1024, 1024]  # tile >= 4 halos: the halo read is at most 2.25x the tile
+    assert recommended_tile_px(100, 48) == 528  # 512, rounded up to the stride
+    card = load_model(base_bundle).card
+    wide = card.model_copy(update={"tile_px": 512})
+    cfg = config_from_dict({})
+    assert tile_size(cfg, card) == DEFAULT_TILE_PX == 256 and tile_size(cfg, wide) == 512
+    assert tile_size(config_from_dict({"tiling": {"tile_px": 128}}), wide) == 128  # the config wins
+    with pytest.raises(ConfigError, match=r"tiling.block_px \(768\) must be a multiple of the tile side 512 that "
+                                          r"model 'base' asks for"):
+        tile_size(config_from_dict({"tiling": {"block_px": 768}}), wide)
+    with pytest.raises(ValueError, match=r"tile_px \(102\) must be a multiple of output_stride \(4\)"):
+        ModelCard.model_validate({**card.model_dump(), "tile_px": 102})
+    # end to end: a scene predicted with the card's tile side records it in run.json
+    from geoseg.api import predict
+
+    bundle = save_bundle(load_model(base_bundle).module, wide, tmp_path / "wide")
+    img = _require(VAL / "images" / "OAM-1238426-1046546-21.tif")
+    predict([str(img)], str(tmp_path / "out"), model=str(bundle),
+            overrides=("runtime.engine=local", "output.report=false", "vector.enabled=false"))
+    import json
+
+    rec = json.loads((tmp_path / "out" / img.stem / "run.json").read_text())
+    assert rec["tiling"]["tile_px"] == 512, rec.get("tiling")

@@ -220,9 +220,13 @@ class ModelCard(_Frozen):
     instances: InstanceSpec | None = Field(
         None, description="object instances: footprint and seed classes (absent: connected regions only)"
     )
+    tile_px: int | None = Field(
+        None, gt=0, description="tile side geoseg uses with this model unless tiling.tile_px is set: large enough "
+        "that the halo read around each tile stays a small overhead (default 256)"
+    )
     tta: Literal["none", "flips", "d4"] | None = Field(
-        None, description="test-time augmentation the model was validated with and predict uses by default "
-        "(model.tta overrides): probabilities averaged over the tile's flips, or flips and rotations (d4)"
+        None, description="test-time augmentation geoseg predict uses with this model by default (model.tta "
+        "overrides): probabilities averaged over the tile's flips, or its flips and 90-degree turns (d4)"
     )
     logit_offsets: list[float] | None = Field(
         None, description="per-class offsets training folded into the head's bias (logit adjustment, calibration); "
@@ -233,7 +237,7 @@ class ModelCard(_Frozen):
     def _drop_absent_fields(self, handler):
         data = handler(self)  # cards without these optional fields serialise as before the fields existed
         if isinstance(data, dict):
-            for key in ("instances", "tta", "logit_offsets"):
+            for key in ("instances", "tile_px", "tta", "logit_offsets"):
                 if key in data and data[key] is None:
                     data.pop(key)
         return data
@@ -262,6 +266,8 @@ class ModelCard(_Frozen):
                 raise ValueError(f"{key}: must be [low, high] with low < high; got {list(lo_hi)}")
         if self.gsd_range_m is not None and not self.gsd_range_m[0] <= self.gsd_m <= self.gsd_range_m[1]:
             raise ValueError(f"gsd_range_m {list(self.gsd_range_m)} does not contain gsd_m {self.gsd_m}")
+        if self.tile_px is not None and self.tile_px % self.output_stride:
+            raise ValueError(f"tile_px ({self.tile_px}) must be a multiple of output_stride ({self.output_stride})")
         if self.logit_offsets is not None and len(self.logit_offsets) != len(self.classes):
             raise ValueError(f"logit_offsets: {len(self.logit_offsets)} values for {len(self.classes)} classes")
         if self.instances is not None:

@@ -29,9 +29,9 @@ STEMS = ("avg", "space_to_depth")
 class UNet(nn.Module):
     """U-Net: ``depth`` max-pool stages with skip connections; logits at the input's H x W.
 
-    Widths double per stage from ``base_channels``, up to ``max_channels`` (a deeper network, more context, without
-    the deepest stages' widths growing the weights fourfold per stage). ``input_stride`` > 1 runs the network on the input averaged
-    over ``input_stride`` x ``input_stride`` pixels and upsamples the logits back (bilinear): for imagery finer
+    Widths double per stage from ``base_channels``, up to ``max_channels`` (a deeper network, more context,
+    without the deepest stages' widths growing the weights fourfold per stage). ``input_stride`` > 1 runs the
+    network on the input averaged over ``input_stride`` x ``input_stride`` pixels and upsamples the logits back (bilinear): for imagery finer
     than the objects need (0.1 m for buildings), a quarter of the compute per pixel and twice the context.
     ``stem="space_to_depth"`` moves each ``input_stride`` x ``input_stride`` block of pixels into channels instead
     of averaging it (the first convolution sees the fine texture, e.g. corrugated roofs, at the same cost);

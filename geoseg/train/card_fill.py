@@ -12,7 +12,7 @@ from rasterio.windows import Window
 from geoseg.models.card import ClassInfo, InstanceSpec, ModelCard, Normalization
 from geoseg.train.boundary import boundary_spec
 
-__all__ = ["make_card", "measure_halo", "tiled_vs_whole_agreement"]
+__all__ = ["recommended_tile_px", "make_card", "measure_halo", "tiled_vs_whole_agreement"]
 
 log = logging.getLogger("geoseg")
 
@@ -32,6 +32,8 @@ def make_card(tcfg, *, band_names: list[str], mean: list[float], std: list[float
         extra["gsd_range_m"] = [round(float(gsd_range_m[0]), 4), round(float(gsd_range_m[1]), 4)]
     if value_range is not None and "value_range" in ModelCard.model_fields:
         extra["value_range"] = [float(value_range[0]), float(value_range[1])]
+    if tcfg.tta not in (None, "none"):  # the default test-time augmentation of predict with this model
+        extra["tta"] = tcfg.tta
     spec = boundary_spec(tcfg)
     if spec:  # train.boundary_px: the footprint is the object classes plus the boundary class
         width, seeds, boundary = spec
@@ -45,6 +47,17 @@ def make_card(tcfg, *, band_names: list[str], mean: list[float], std: list[float
         gsd_m=round(float(gsd_m), 4), classes=classes, output_stride=output_stride, halo_px=halo_px,
         license=tcfg.license, attribution=tcfg.attribution, description=desc,
     )
+
+
+def recommended_tile_px(halo_px: int, output_stride: int, default_px: int = 256, max_px: int = 1024) -> int | None:
+    """The card's tile side for a measured halo: the smallest power of two from ``default_px`` up (and a multiple
+    of the stride) that is at least 4 halos, so the halo read around a tile costs at most 2.25x its pixels; at most
+    ``max_px``. None when ``default_px`` already does (the card then leaves the tile side to the config)."""
+    tile = default_px
+    while tile < 4 * halo_px and tile < max_px:
+        tile *= 2
+    tile = -(-tile // output_stride) * output_stride
+    return None if tile == default_px else tile
 
 
 def _whole(module, norm: Normalization, data: np.ndarray) -> np.ndarray:

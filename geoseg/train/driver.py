@@ -264,7 +264,7 @@ def bundle_dir(t, overwrite: bool) -> Path:
 def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: float) -> dict:
     """Best weights -> measured halo -> filled card -> bundle (+ training.json with the history)."""
     from geoseg.models.registry import load_model, narrow_state_dict, save_bundle
-    from geoseg.train.card_fill import make_card, measure_halo
+    from geoseg.train.card_fill import make_card, measure_halo, recommended_tile_px
     from geoseg.train.loop import build_module
 
     t = cfg.train
@@ -318,7 +318,7 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
         cal += (f" Logit offsets {calibration['offsets']} added to the head's bias (val mIoU "
                f"{calibration['miou_before']} -> {calibration['miou_after']}).")
     card = card.model_copy(update={
-        "halo_px": halo,
+        "halo_px": halo, "tile_px": recommended_tile_px(halo, stride),
         "description": (card.description + " " if card.description else "")
         + f"Trained with geoseg train: {len(plan['scenes'])} images, "
         + (f"the last epoch's weights ({chosen.get('epoch')}, val mIoU {best_score})" if t.keep == "last" else
