@@ -25,7 +25,7 @@ ROOT = HERE.parent
 README = ROOT / "README.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 BENCHES = ["bench_model.py", "bench_demo.py", "bench_vectorize.py", "bench_pipeline.py", "bench_autocast.py",
-           "bench_s3_read.py", "bench_driver.py", "bench_writer.py"]
+           "bench_s3_read.py", "bench_driver.py", "bench_writer.py", "bench_buildings.py"]
 
 
 def run(names: list[str]) -> dict:

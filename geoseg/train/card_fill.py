@@ -75,7 +75,7 @@ def tiled_vs_whole_agreement(module, card: ModelCard, images: list[tuple[np.ndar
     from geoseg.infer import Predictor
     from geoseg.models.registry import GeoModel
 
-    pred = Predictor(GeoModel(card=card, module=module), device="cpu", batch_size=4)
+    pred = Predictor(GeoModel(card=card, module=module), device="cpu", batch_size=4, tta="none")  # as _whole
     same = total = 0
     for data, valid in images:
         rows, cols = data.shape[1:]
