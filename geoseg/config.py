@@ -380,9 +380,10 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _block_holds_whole_tiles(self):
         t = self.tiling
-        if t.tile_px is not None and t.block_px % t.tile_px:
+        tile = t.tile_px or 256  # unset: plan.DEFAULT_TILE_PX here; a card's tile_px is checked when planning
+        if t.block_px % tile:
             raise ValueError(
-                f"tiling.block_px ({t.block_px}) must be a multiple of tiling.tile_px ({t.tile_px})"
+                f"tiling.block_px ({t.block_px}) must be a multiple of tiling.tile_px ({tile})"
             )
         return self
 
