@@ -98,6 +98,10 @@ class InputConfig(_Section):
         return v
 
 
+#: tile side when neither tiling.tile_px nor the model card's tile_px sets one
+DEFAULT_TILE_PX = 256
+
+
 class TilingConfig(_Section):
     tile_px: int | None = Field(
         None, gt=0, description="model input tile side before the halo, in pixels; default: the model card's "
@@ -380,7 +384,7 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _block_holds_whole_tiles(self):
         t = self.tiling
-        tile = t.tile_px or 256  # unset: plan.DEFAULT_TILE_PX here; a card's tile_px is checked when planning
+        tile = t.tile_px or DEFAULT_TILE_PX  # a card's tile_px is checked when planning (plan.tile_size)
         if t.block_px % tile:
             raise ValueError(
                 f"tiling.block_px ({t.block_px}) must be a multiple of tiling.tile_px ({tile})"

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from geoseg.config import JobConfig, StorageConfig
+from geoseg.config import DEFAULT_TILE_PX, JobConfig, StorageConfig
 from geoseg.errors import ConfigError, InputError
 from geoseg.grid import TileGrid
 from geoseg.io import contract, raster, store
@@ -25,8 +25,6 @@ CONFIDENCE_SCALE = 254
 CONFIDENCE_NODATA = 255
 #: ``vector.single_file`` unset: scenes up to this many pixels get one file per format from their writer.
 SINGLE_FILE_MAX_PX = 8192 * 8192
-#: tile side when neither tiling.tile_px nor the model card sets one
-DEFAULT_TILE_PX = 256
 
 
 def scene_stem(path: str) -> str:

@@ -55,6 +55,8 @@ def worker_loop(config: dict) -> None:
         module.load_state_dict(plan["init_state"])
     module = ray.train.torch.prepare_model(module)
     ema = weight_average(_unwrap(module), t.ema_decay) if t.ema_decay else None
+    step_hook = None if ema is None else (lambda: ema.update_parameters(_unwrap(module)))
+    judged = _unwrap(module) if ema is None else ema.module  # the weights validated, kept and shipped
     opt = torch.optim.AdamW(module.parameters(), lr=t.lr * (world if device.type == "cuda" else 1),
                             weight_decay=t.weight_decay)
     n0 = len(epoch_chips(plan, 0))
@@ -110,10 +112,8 @@ def worker_loop(config: dict) -> None:
         if rank == 0:
             bar = tqdm(total=min(len(loader), steps_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}", ascii=True,
                        file=sys.stdout, mininterval=15, dynamic_ncols=False, ncols=100)
-        step_hook = None if ema is None else (lambda: ema.update_parameters(_unwrap(module)))
         r = run_epoch(module, loader, opt, sched, device, t.loss, scaler, amp_dtype, steps_per_epoch, bar,
                       after_step=step_hook)
-        judged = _unwrap(module) if ema is None else ema.module  # the weights validated, kept and shipped
         if bar is not None:
             bar.close()
         t_val = time.monotonic()

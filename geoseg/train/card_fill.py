@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from rasterio.windows import Window
 
+from geoseg.config import DEFAULT_TILE_PX
 from geoseg.models.card import ClassInfo, InstanceSpec, ModelCard, Normalization
 from geoseg.train.boundary import boundary_spec
 
@@ -49,7 +50,8 @@ def make_card(tcfg, *, band_names: list[str], mean: list[float], std: list[float
     )
 
 
-def recommended_tile_px(halo_px: int, output_stride: int, default_px: int = 256, max_px: int = 1024) -> int | None:
+def recommended_tile_px(halo_px: int, output_stride: int, default_px: int = DEFAULT_TILE_PX,
+                        max_px: int = 1024) -> int | None:
     """The card's tile side for a measured halo: the smallest power of two from ``default_px`` up (and a multiple
     of the stride) that is at least 4 halos, so the halo read around a tile costs at most 2.25x its pixels; at most
     ``max_px``. None when ``default_px`` already does (the card then leaves the tile side to the config)."""

@@ -310,6 +310,12 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
         card = card.model_copy(update={"logit_offsets": [float(v) for v in offsets]})
     halo, agree, tile = measure_halo(module, card, images, t.halo_max_px)
     best_score = chosen.get("val_miou_calibrated", chosen.get("val_miou"))
+    if t.keep == "last":
+        kept = f"the last epoch's weights ({chosen.get('epoch')}, val mIoU {best_score})"
+    else:
+        kept = f"best val mIoU {best_score} at epoch {chosen.get('epoch')}"
+    if t.ema_decay:
+        kept += ", a moving average of the weights"
     cal = ""
     if adjustment is not None:
         cal += (f" Logit adjustment (tau {t.logit_adjustment}, class priors of the training chips): offsets "
@@ -320,10 +326,7 @@ def finish_bundle(cfg: JobConfig, plan: dict, state: dict, out: Path, seconds: f
     card = card.model_copy(update={
         "halo_px": halo, "tile_px": recommended_tile_px(halo, stride),
         "description": (card.description + " " if card.description else "")
-        + f"Trained with geoseg train: {len(plan['scenes'])} images, "
-        + (f"the last epoch's weights ({chosen.get('epoch')}, val mIoU {best_score})" if t.keep == "last" else
-           f"best val mIoU {best_score} at epoch {chosen.get('epoch')}") + (
-           ", a moving average of the weights" if t.ema_decay else "") + f". Halo measured: tiled ({tile} px tiles) vs whole-image inference agree on "
+        + f"Trained with geoseg train: {len(plan['scenes'])} images, {kept}. Halo measured: tiled ({tile} px tiles) vs whole-image inference agree on "
         f"{agree:.5f} of validation pixels at {halo} px." + cal,
     })
     out.mkdir(parents=True, exist_ok=True)
