@@ -310,9 +310,10 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(0.5, ge=0)
-    loss: Literal["ce", "ce_dice", "ce_dice_balanced"] = Field(
+    loss: Literal["ce", "ce_dice", "ce_dice_balanced", "ce_lovasz"] = Field(
         "ce_dice", description="ce_dice_balanced: cross-entropy weighted per class by each batch's class frequencies "
-        "(thin classes such as a building boundary), plus Dice"
+        "(thin classes such as a building boundary), plus Dice; ce_lovasz: cross-entropy plus the Lovasz-softmax "
+        "surrogate of IoU (Berman et al. 2018), over the classes present in each batch"
     )
     early_stopping_patience: int = Field(5, ge=1, description="epochs without a better val mIoU")
     num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel)")

@@ -20,7 +20,7 @@ from geoseg.infer import TTA_VIEWS, Predictor
 from geoseg.models import get_model, load_model, save_bundle
 from geoseg.models.card import ModelCard
 from geoseg.train.driver import prepare_plan
-from geoseg.train.loop import weight_average
+from geoseg.train.loop import IGNORE, lovasz_softmax, segmentation_loss, weight_average
 from tests.conftest import SHARED_DATA, _require
 
 VAL = SHARED_DATA / "buildings" / "area2" / "val"
@@ -126,6 +126,47 @@ def test_weight_average_is_an_ema_of_weights_and_batchnorm_statistics():
     for k, v in expect.items():  # parameters and BatchNorm running statistics alike
         assert torch.allclose(got[k].float(), v, atol=1e-6), k
     assert not torch.allclose(got["1.running_mean"], m.state_dict()["1.running_mean"])
+
+
+def _iou(pred: torch.Tensor, target: torch.Tensor, c: int) -> float:
+    known = target != IGNORE
+    tp = ((pred == c) & (target == c) & known).sum()
+    wrong = ((pred == c) != (target == c)) & known
+    return float(tp / (tp + wrong.sum()))
+
+
+def test_lovasz_softmax_is_one_minus_iou_for_hard_predictions_and_ignores_unlabelled_pixels():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 3, (2, 32, 32), generator=g)
+    target[target == 2] = 1
+    target[0, :5] = IGNORE
+    pred = torch.randint(0, 3, (2, 32, 32), generator=g)
+    probs = torch.nn.functional.one_hot(pred, 3).permute(0, 3, 1, 2).float()
+    # class 2 is absent from the labels: only classes 0 and 1 count, as in the mean IoU over present classes
+    expect = 1 - (_iou(pred, target, 0) + _iou(pred, target, 1)) / 2
+    assert float(lovasz_softmax(probs, target)) == pytest.approx(expect, abs=1e-6)
+    other = probs.clone()
+    other[0, :, :5] = other[0, :, :5].roll(1, dims=0)  # other predictions where the labels are IGNORE
+    assert float(lovasz_softmax(other, target)) == pytest.approx(expect, abs=1e-6)
+    labelled = target.clone()
+    labelled[0, :5] = 0  # the same pixels labelled: now they count
+    assert float(lovasz_softmax(other, labelled)) != pytest.approx(float(lovasz_softmax(probs, labelled)), abs=1e-4)
+
+
+def test_ce_lovasz_training_steps_raise_the_iou_of_a_wrong_model():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    target = (x[:, 0] + 0.5 * x[:, 1] > 0.8).long()  # a minority class a 1x1 convolution can learn
+    model = torch.nn.Conv2d(3, 2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = _iou(model(x).argmax(1), target, 1)
+    for _ in range(60):
+        loss = segmentation_loss(model(x), target, "ce_lovasz")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert _iou(model(x).argmax(1), target, 1) > max(before, 0.8)
+    assert config_from_dict({"train": {"loss": "ce_lovasz"}}).train.loss == "ce_lovasz"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -148,9 +148,34 @@ def _balanced_weights(target: torch.Tensor, k: int) -> torch.Tensor:
     return w / w[present].mean() if present.any() else torch.ones(k, device=target.device)
 
 
+def lovasz_softmax(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Lovasz-softmax loss (Berman et al. 2018) over the classes present in ``target``, all pixels of the batch
+    pooled, IGNORE skipped: the Lovasz extension of the Jaccard loss, so for hard 0/1 probabilities it is exactly
+    the mean over those classes of 1 - IoU. ``probs``: (n, k, h, w) softmax; ``target``: (n, h, w)."""
+    k = probs.shape[1]
+    p = probs.permute(0, 2, 3, 1).reshape(-1, k)
+    t = target.reshape(-1)
+    known = t != IGNORE
+    p, t = p[known], t[known]
+    losses = []
+    for c in torch.unique(t).tolist():
+        fg = (t == c).float()
+        errors = (fg - p[:, c]).abs()
+        errors_sorted, order = torch.sort(errors, descending=True)
+        fg_sorted = fg[order]
+        gts = fg_sorted.sum()
+        intersection = gts - fg_sorted.cumsum(0)
+        union = gts + (1.0 - fg_sorted).cumsum(0)
+        jaccard = 1.0 - intersection / union
+        grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])  # the Jaccard loss's increments, in order
+        losses.append(torch.dot(errors_sorted, grad))
+    return torch.stack(losses).mean() if losses else probs.sum() * 0.0
+
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "ce_dice") -> torch.Tensor:
     """Cross-entropy (ignoring IGNORE), plus soft Dice over the classes present when ``kind`` is ce_dice;
-    ``ce_dice_balanced``: the cross-entropy weighted per class by ``_balanced_weights`` of the batch."""
+    ``ce_dice_balanced``: the cross-entropy weighted per class by ``_balanced_weights`` of the batch;
+    ``ce_lovasz``: cross-entropy plus ``lovasz_softmax`` (a surrogate of IoU itself)."""
     if kind == "ce_dice_balanced":
         w = _balanced_weights(target, logits.shape[1])
         ce = F.cross_entropy(logits.float(), target, weight=w, ignore_index=IGNORE)
@@ -161,6 +186,8 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "c
     known = target != IGNORE
     if not known.any():
         return ce
+    if kind == "ce_lovasz":
+        return ce + lovasz_softmax(logits.float().softmax(dim=1), target)
     p = logits.float().softmax(dim=1)
     k = p.shape[1]
     t = F.one_hot(torch.where(known, target, 0), k).permute(0, 3, 1, 2).float()
