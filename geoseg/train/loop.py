@@ -186,9 +186,9 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "c
     known = target != IGNORE
     if not known.any():
         return ce
-    if kind == "ce_lovasz":
-        return ce + lovasz_softmax(logits.float().softmax(dim=1), target)
     p = logits.float().softmax(dim=1)
+    if kind == "ce_lovasz":
+        return ce + lovasz_softmax(p, target)
     k = p.shape[1]
     t = F.one_hot(torch.where(known, target, 0), k).permute(0, 3, 1, 2).float()
     m = known.unsqueeze(1).float()
