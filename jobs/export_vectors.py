@@ -10,7 +10,7 @@ import logging
 import sys
 
 from geoseg.config import apply_overrides, config_from_dict
-from geoseg.errors import GeosegError
+from geoseg.errors import GeosegError, exit_code
 from geoseg.vectorize import vectorize_file
 
 
@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_dict(apply_overrides({}, args.overrides), source="--set")
         vectorize_file(args.mask, args.out, cfg.vector, block_px=args.block_px, workers=args.workers,
                        overwrite=args.overwrite)
-    except GeosegError as e:
-        logging.error("%s", e)
-        return 1
+    except (GeosegError, KeyboardInterrupt) as e:  # the CLI's exit codes: 3 bad input, 4 retry may help, 130
+        logging.error("%s", e if isinstance(e, GeosegError) else "interrupted; a rerun resumes")
+        return exit_code(e)
     return 0
 
 

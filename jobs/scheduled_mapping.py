@@ -16,7 +16,7 @@ import sys
 
 from geoseg.driver import run
 from geoseg.config import load_config
-from geoseg.errors import GeosegError
+from geoseg.errors import GeosegError, exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.output.overwrite:  # nightly reruns over a growing prefix compute only the new scenes
             cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"skip_complete": True})})
         records = run(cfg)
-    except GeosegError as e:
-        logging.error("%s", e)
-        return 1
+    except (GeosegError, KeyboardInterrupt) as e:  # the CLI's exit codes: 3 bad input, 4 retry may help, 130
+        logging.error("%s", e if isinstance(e, GeosegError) else "interrupted; a rerun resumes")
+        return exit_code(e)
     for r in records:
         logging.info("done: %s -> %s", r["input"]["path"], r["outputs"]["mask"])
     return 0

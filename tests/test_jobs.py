@@ -10,6 +10,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
+from geoseg.errors import EXIT_INPUT
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -47,7 +49,7 @@ def test_scheduled_rerun_computes_only_new_scenes(tmp_path, s2_chip):
     redo.write_text(cfg.read_text().replace("dir: ", "overwrite: true\n  dir: "))
     assert "overwrite: true" in redo.read_text()
     assert job.main([str(redo)]) == 0
-    assert job.main([str(tmp_path / "missing.yaml")]) == 1
+    assert job.main([str(tmp_path / "missing.yaml")]) == EXIT_INPUT  # never worth a retry
 
 
 def test_export_vectors_job(tmp_path, s2_chip):
@@ -61,5 +63,5 @@ def test_export_vectors_job(tmp_path, s2_chip):
     assert job.main(args) == 0
     table = pq.read_table(dst)
     assert table.num_rows > 0 and set(table.column("class_name").to_pylist()) == {"built"}
-    assert job.main(args) == 1  # exists: refused
+    assert job.main(args) == EXIT_INPUT  # exists: refused
     assert job.main(args + ["--overwrite"]) == 0
