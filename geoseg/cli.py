@@ -28,7 +28,12 @@ _overwrite = click.option("--overwrite", is_flag=True, help="replace existing ou
 _DEBUG = {"on": False}
 
 
-def _fail(e: BaseException):
+# what an interrupted command leaves behind for its rerun (commands not named publish nothing half-written)
+_KEPT = {"run": "finished blocks are kept", "predict": "finished blocks are kept", "map": "finished blocks are kept",
+         "train": "the last epoch's checkpoint is kept"}
+
+
+def _fail(e: BaseException, command: str | None = None):
     """One line on stderr and the exit code of ``e``'s class (the traceback only with ``--debug``)."""
     code = exit_code(e)
     if _DEBUG["on"]:
@@ -36,8 +41,11 @@ def _fail(e: BaseException):
 
         traceback.print_exception(e, file=sys.stderr)
     if code == EXIT_INTERRUPTED:
-        click.secho("geoseg: interrupted; finished blocks are kept: rerun the same command to resume",
-                    fg="yellow", err=True)
+        if command in _KEPT:
+            click.secho(f"geoseg: interrupted; {_KEPT[command]}: rerun the same command to resume", fg="yellow",
+                        err=True)
+        else:
+            click.secho("geoseg: interrupted; nothing half-written was published", fg="yellow", err=True)
     elif isinstance(e, GeosegError):
         click.secho(f"geoseg: error: {e}", fg="red", err=True)
     else:
@@ -56,7 +64,7 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 - the CLI's last line of defence
-            _fail(e)
+            _fail(e, ctx.invoked_subcommand)
 
 
 def _report(records) -> None:

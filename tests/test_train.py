@@ -418,6 +418,14 @@ def _geoseg(*args, **kw):
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def _checkpoint_registered(run_dir: Path) -> bool:
+    """Ray Train has registered a checkpoint (its snapshot file lists one), so that a rerun resumes from it."""
+    try:
+        return bool(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text()).get("checkpoint_results"))
+    except (OSError, ValueError):
+        return False
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
@@ -440,15 +448,7 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
     first = _geoseg("train", str(cfg_path))
     run_dir = ckpt / "geoseg-train"
     deadline = time.monotonic() + 180
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # written once Ray Train has registered a checkpoint
-
-    def registered() -> bool:
-        try:
-            return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
-        except (OSError, ValueError):
-            return False
-
-    while not registered():
+    while not _checkpoint_registered(run_dir):
         assert first.poll() is None, first.stdout.read()
         assert time.monotonic() < deadline, "no checkpoint within 180 s"
         time.sleep(0.2)
@@ -527,6 +527,39 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
     with rasterio.open(mask) as m, rasterio.open(img) as i:
         assert (m.crs, m.transform, m.shape) == (i.crs, i.transform, i.shape)
         assert set(np.unique(m.read(1))) <= {0, 1}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_ctrl_c_of_train_keeps_its_checkpoint_and_says_so(bld, ray_local, tmp_path):
+    """SIGINT (Ctrl-C) mid-training: exit 130, a line that says the checkpoint is kept (not predict's blocks), no
+    bundle; the rerun resumes after the checkpointed epoch."""
+    out, ckpt = tmp_path / "bundle", tmp_path / "ckpt"
+    job = {"train": {
+        "name": "tiny-buildings", "classes": CLASSES, "band_names": ["red", "green", "blue"],
+        "sources": [_area1(bld, 4, split="train"), _area2(bld, "val", 1, split="val")],
+        "arch_params": {"base_channels": 4, "depth": 2}, "chip_px": 128, "batch_size": 2, "epochs": 12,
+        "max_steps_per_epoch": 2, "num_workers": 1, "use_gpu": False, "torch_threads": 1,
+        "early_stopping_patience": 12, "halo_max_px": 32, "halo_images": 1, "out": str(out),
+        "checkpoint_dir": str(ckpt),
+    }, "runtime": {"address": ray_local.get_runtime_context().gcs_address}}
+    cfg_path = tmp_path / "train.yaml"
+    cfg_path.write_text(yaml.safe_dump(job))
+    proc = _geoseg("train", str(cfg_path))
+    deadline = time.monotonic() + 180
+    while not _checkpoint_registered(ckpt / "geoseg-train"):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, log[-3000:]
+    assert "geoseg: interrupted; the last epoch's checkpoint is kept: rerun the same command to resume" in log
+    assert "finished blocks" not in log and not (out / "card.yaml").exists()
+    again = _geoseg("train", str(cfg_path))
+    log2 = again.communicate(timeout=180)[0]
+    assert again.returncode == 0, log2[-3000:]
+    assert "resumed from checkpoint after epoch" in log2 and (out / "card.yaml").exists()
 
 
 @pytest.mark.parametrize("arch,params", [("unet", {"base_channels": 4, "depth": 2}),

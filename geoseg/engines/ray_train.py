@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -211,6 +212,28 @@ def _geoseg_cause(e: BaseException) -> GeosegError | None:
     return None
 
 
+def _fit_off_the_main_thread(trainer):
+    """``trainer.fit()`` in a helper thread, the main thread waiting. On the main thread Ray Train replaces the
+    SIGINT handler with its own, and Ctrl-C then ended the process with exit code 1 and no message (Ray 2.x);
+    off it Ray leaves the handler alone, so Ctrl-C (and SIGTERM) stay a KeyboardInterrupt here: exit 130, the
+    last checkpoint kept for the rerun, and the run's actors end with this driver."""
+    box: dict = {}
+
+    def fit():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="geoseg-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a timeout, so that signals are acted on at once
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def train(cfg: JobConfig, *, overwrite: bool = False) -> dict:
     """Train on Ray Train and write the bundle to ``train.out``. Returns a summary (paths, history, card)."""
     t = cfg.train
@@ -247,7 +270,7 @@ def train(cfg: JobConfig, *, overwrite: bool = False) -> dict:
             ),
         )
         try:
-            result = trainer.fit()
+            result = _fit_off_the_main_thread(trainer)
         except Exception as e:  # Ray wraps worker errors; surface ours unchanged
             cause = _geoseg_cause(e)
             if cause is not None:
