@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -212,26 +213,20 @@ def _geoseg_cause(e: BaseException) -> GeosegError | None:
     return None
 
 
-def _fit_off_the_main_thread(trainer):
-    """``trainer.fit()`` in a helper thread, the main thread waiting. On the main thread Ray Train replaces the
-    SIGINT handler with its own, and Ctrl-C then ended the process with exit code 1 and no message (Ray 2.x);
-    off it Ray leaves the handler alone, so Ctrl-C (and SIGTERM) stay a KeyboardInterrupt here: exit 130, the
-    last checkpoint kept for the rerun, and the run's actors end with this driver."""
-    box: dict = {}
-
-    def fit():
-        try:
-            box["result"] = trainer.fit()
-        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
-            box["error"] = e
-
-    thread = threading.Thread(target=fit, name="geoseg-train-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.5)  # a timeout, so that signals are acted on at once
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+def _fit(trainer):
+    """``trainer.fit()`` with Ctrl-C as the KeyboardInterrupt it is. On the main thread Ray Train installs its own
+    SIGINT handler, which aborts the run (its workers stop, its checkpoints stay) and then raises SystemExit(1)
+    out of ``fit`` with no message: that becomes a KeyboardInterrupt (exit 130, "rerun to resume"), and the
+    process's own handler comes back (Ray leaves its handler installed, bound to the finished run)."""
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if on_main else None
+    try:
+        return trainer.fit()
+    except SystemExit as e:
+        raise KeyboardInterrupt("Ray Train aborted the run") from e
+    finally:
+        if on_main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def train(cfg: JobConfig, *, overwrite: bool = False) -> dict:
@@ -270,7 +265,7 @@ def train(cfg: JobConfig, *, overwrite: bool = False) -> dict:
             ),
         )
         try:
-            result = _fit_off_the_main_thread(trainer)
+            result = _fit(trainer)
         except Exception as e:  # Ray wraps worker errors; surface ours unchanged
             cause = _geoseg_cause(e)
             if cause is not None:
