@@ -418,12 +418,19 @@ def _geoseg(*args, **kw):
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _checkpoint_registered(run_dir: Path) -> bool:
-    """Ray Train has registered a checkpoint (its snapshot file lists one), so that a rerun resumes from it."""
-    try:
-        return bool(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text()).get("checkpoint_results"))
-    except (OSError, ValueError):
-        return False
+def _wait_for_registered_checkpoint(proc: subprocess.Popen, run_dir: Path) -> None:
+    """Until Ray Train has registered a checkpoint of ``proc``'s run (its snapshot file lists one), so that a
+    rerun resumes from it; ``proc`` must still be running."""
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text()).get("checkpoint_results"):
+                return
+        except (OSError, ValueError):
+            pass
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -446,12 +453,7 @@ def test_train_on_ray_interrupt_resume_bundle_predict(bld, ray_local, tmp_path):
 
     # first run: killed (SIGKILL, no clean-up) as soon as its first checkpoint is on disk
     first = _geoseg("train", str(cfg_path))
-    run_dir = ckpt / "geoseg-train"
-    deadline = time.monotonic() + 180
-    while not _checkpoint_registered(run_dir):
-        assert first.poll() is None, first.stdout.read()
-        assert time.monotonic() < deadline, "no checkpoint within 180 s"
-        time.sleep(0.2)
+    _wait_for_registered_checkpoint(first, ckpt / "geoseg-train")
     first.send_signal(signal.SIGKILL)
     log1 = first.communicate()[0]
     assert not out.exists() or not (out / "card.yaml").exists()
@@ -546,11 +548,7 @@ def test_ctrl_c_of_train_keeps_its_checkpoint_and_says_so(bld, ray_local, tmp_pa
     cfg_path = tmp_path / "train.yaml"
     cfg_path.write_text(yaml.safe_dump(job))
     proc = _geoseg("train", str(cfg_path))
-    deadline = time.monotonic() + 180
-    while not _checkpoint_registered(ckpt / "geoseg-train"):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "no checkpoint within 180 s"
-        time.sleep(0.2)
+    _wait_for_registered_checkpoint(proc, ckpt / "geoseg-train")
     proc.send_signal(signal.SIGINT)
     log = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130, log[-3000:]
